@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from common import exact_div, fused_logprobs, generate, response_logprobs
+from common import exact_div, fused_logprobs, generate, pad_rows, response_logprobs
 from conftest import EOS, PAD, tiny_llama
 
 
@@ -71,7 +71,12 @@ def test_fused_bad_input_is_one_line_value_error(h, w, y, match):
 
 
 def left_pad(rows, width):
-    return torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    return pad_rows([[PAD] * (width - len(r)) + r for r in rows], PAD, left=True)
+
+
+def test_pad_rows():
+    assert pad_rows([[3, 4], [5]], PAD, left=True).tolist() == [[3, 4], [PAD, 5]]
+    assert pad_rows([[3, 4], [5], []], PAD, left=False).tolist() == [[3, 4], [5, PAD], [PAD, PAD]]
 
 
 def test_response_logprobs_padding_invariant_and_equal_to_model_logits(tiny_lm):
@@ -148,5 +153,5 @@ def test_generate_logprobs_match_scoring(tiny_lm, temperature):
 
 def test_exact_div():
     assert exact_div(12, 4, "batch_size / minibatch_size") == 3
-    with pytest.raises(ValueError, match="batch_size / minibatch_size: 10 is not divisible by 4"):
+    with pytest.raises(SystemExit, match="batch_size / minibatch_size: 10 is not divisible by 4"):
         exact_div(10, 4, "batch_size / minibatch_size")

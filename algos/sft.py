@@ -1,0 +1,133 @@
+"""Supervised fine-tuning (maximum likelihood on demonstrations): how every reference policy is made.
+
+    loss = - mean over response tokens of log pi_theta(y_t | x, y_<t)        (token mean; pads masked)
+
+The embedded tasks build their reference policy pi_ref with `sft_train` below (tasks/length.py,
+tasks/bandit.py); this file is also a standalone script for your own model and data:
+
+    python algos/sft.py --model EleutherAI/pythia-160m --dataset tatsu-lab/alpaca_farm --split sft \
+        --prompt-column instruction --response-column output --cuda
+    python algos/sft.py --model path/to/local_model --dataset path/to/data.jsonl --output-dir runs/my_sft
+
+The prompt is not trained on (loss on response tokens only); EOS is appended to every response so
+the model learns to stop, and the pad token is a dedicated token (added if the tokenizer lacks one).
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import disable_dropout, pad_rows, response_logprobs  # noqa: E402
+
+
+@dataclass
+class Args:
+    exp_name: str = "sft"
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    cuda: bool = False
+    """train on CUDA"""
+    threads: int = 1
+    """torch CPU threads (2 threads on a busy 2-core machine are far slower than 1)"""
+    model: str = ""
+    """the model to fine-tune: a local directory or a hub id"""
+    dataset: str = ""
+    """the demonstrations: a local .json/.jsonl file, a `save_to_disk` directory, or a hub id"""
+    split: str = "train"
+    """dataset split"""
+    prompt_column: str = "prompt"
+    """column holding the prompt text"""
+    response_column: str = "response"
+    """column holding the demonstration text"""
+    max_length: int = 512
+    """prompt and response are each truncated to this many tokens"""
+    learning_rate: float = 1e-5
+    """AdamW learning rate (linear decay to 0)"""
+    num_epochs: int = 1
+    """passes over the demonstrations"""
+    minibatch_size: int = 16
+    """demonstrations per gradient step"""
+    output_dir: str = ""
+    """where to save the model (default runs/sft__{seed}__{time})"""
+
+
+def sft_train(model, queries, responses, pad_token_id, eos_token_id, learning_rate, num_epochs, minibatch_size, seed, progress=None):
+    """Maximum likelihood on (query, response) token lists; responses end with EOS where they stop.
+
+    Returns the per-epoch mean token NLL. `progress`: an optional callable(step, total, loss).
+    """
+    device = next(model.parameters()).device
+    model.train()
+    disable_dropout(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(queries) / minibatch_size)
+    total = num_epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
+    g = torch.Generator().manual_seed(seed)
+    history = []
+    for _ in range(num_epochs):
+        order, nll, tokens = torch.randperm(len(queries), generator=g).tolist(), 0.0, 0
+        for s in range(0, len(order), minibatch_size):
+            idx = order[s : s + minibatch_size]
+            q = pad_rows([queries[i] for i in idx], pad_token_id, left=True, device=device)
+            r = pad_rows([responses[i] for i in idx], pad_token_id, left=False, device=device)
+            logps, mask = response_logprobs(model, q, r, pad_token_id, eos_token_id)
+            loss = -logps.sum() / mask.sum().clamp(min=1)  # token mean over the minibatch
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            nll, tokens = nll - logps.sum().item(), tokens + int(mask.sum())
+            if progress is not None:
+                progress(len(history) * steps_per_epoch + s // minibatch_size + 1, total, loss.item())
+        history.append(nll / max(tokens, 1))
+    model.eval()
+    return history
+
+
+def main(args: Args):
+    from tqdm.auto import tqdm
+
+    from tasks import load_causal_lm, load_rows
+
+    if not args.model or not args.dataset:
+        raise SystemExit("sft.py: pass --model (local directory or hub id) and --dataset (file, directory or hub id)")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_causal_lm(args.model, device)
+    rows = load_rows(args.dataset, args.split, [args.prompt_column, args.response_column])
+    queries = [tokenizer(r[args.prompt_column])["input_ids"][-args.max_length :] for r in rows]
+    responses = [tokenizer(r[args.response_column])["input_ids"][: args.max_length - 1] + [tokenizer.eos_token_id] for r in rows]
+    out = Path(args.output_dir or f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    bar = tqdm(total=args.num_epochs * math.ceil(len(queries) / args.minibatch_size), desc="sft")
+
+    def progress(step, total, loss):
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    history = sft_train(model, queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id, args.learning_rate,
+                        args.num_epochs, args.minibatch_size, args.seed, progress)
+    bar.close()
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    (out / "metrics.json").write_text(json.dumps({"train/nll_per_epoch": history}))
+    print(f"saved {out / 'model'}; token NLL per epoch: {[round(h, 4) for h in history]}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main(tyro.cli(Args))

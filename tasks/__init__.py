@@ -1,0 +1,216 @@
+"""Task registry: everything an objective script needs, behind one small interface.
+
+    task = make_task("skew_length", device)     # builds and caches its artifacts on first use
+    policy = task.load_policy()                 # a fresh pi_ref (train it); call again for the frozen reference
+    task.train_prompts / task.eval_prompts      # lists of token-id lists (queries)
+    task.preference_data                        # datasets.Dataset: prompt, chosen, rejected (text),
+                                                #   prompt_ids, chosen_ids, rejected_ids, chosen_score, rejected_score (gold)
+    task.proxy_reward(queries, responses)       # [B] what methods optimise (a learned reward model, or the true reward)
+    task.gold_reward(queries, responses)        # [B] evaluation only
+    task.pad_token_id, task.eos_token_id, task.max_new_tokens, task.temperature, task.tokenizer, task.info
+
+queries are left-padded [B, Lq], responses right-padded [B, Lr] (pad after EOS), both on `device`.
+Artifacts live under $CLEANPREF_CACHE (default ~/.cache/cleanpref), one directory per recipe hash.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+import torch
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()  # "Loading weights" bars on every from_pretrained would bury the logs
+TaskName = Literal["bandit_r1", "bandit_r2", "min_length", "mode_length", "skew_length"]
+
+
+@dataclass
+class Task:
+    name: str
+    tokenizer: object  # transformers.PreTrainedTokenizerFast
+    policy_path: str  # Hugging Face model directory of pi_ref
+    pad_token_id: int
+    eos_token_id: Optional[int]  # None: fixed-length responses (bandit)
+    max_new_tokens: int
+    temperature: float
+    train_prompts: list
+    eval_prompts: list
+    preference_data: object  # datasets.Dataset
+    proxy_reward: Callable
+    gold_reward: Callable
+    device: torch.device = torch.device("cpu")
+    info: dict = field(default_factory=dict)
+
+    def load_policy(self):
+        """A fresh copy of pi_ref on the task's device, dropout off, in eval mode."""
+        from transformers import AutoModelForCausalLM
+
+        from common import disable_dropout
+
+        model = AutoModelForCausalLM.from_pretrained(self.policy_path).to(self.device)
+        return disable_dropout(model).eval()
+
+    def decode(self, ids):
+        return self.tokenizer.decode([i for i in ids if i != self.pad_token_id], skip_special_tokens=True)
+
+
+def make_task(name: str, device="cpu", model: Optional[str] = None, prompts: Optional[str] = None) -> Task:
+    """Build (or load from cache) task `name`. model: replace the embedded pi_ref with a Hugging Face
+    causal LM (local directory or hub id; length tasks); prompts: a dataset of prompts to use instead
+    of the embedded ones (a `prompt` column, or AlpacaFarm's `instruction` [+ `input`])."""
+    import importlib
+
+    modules = {"bandit_r1": "bandit", "bandit_r2": "bandit", "min_length": "length", "mode_length": "length",
+               "skew_length": "length"}
+    if name not in modules:
+        raise SystemExit(f"unknown task {name!r}: choose one of {', '.join(modules)}")
+    return importlib.import_module(f"tasks.{modules[name]}").make(name, torch.device(device), model, prompts)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CLEANPREF_CACHE") or Path.home() / ".cache" / "cleanpref")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(directory: Path) -> bool:
+    manifest = directory / "manifest.json"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        present = {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()} - {"manifest.json"}
+        return present == set(files) and all(_digest(directory / f) == h for f, h in files.items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def cached(kind: str, recipe: dict, build: Callable[[Path], dict]) -> Path:
+    """Directory of artifacts for `recipe`, built by build(tmp_dir) -> summary dict if absent or damaged.
+
+    The build writes into a temporary sibling directory that is renamed into place only when complete
+    (with a manifest of sha256 digests), so a killed build never leaves a cache that loads, and a
+    cache whose files were changed or removed is detected and rebuilt.
+    """
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    final = root / f"{kind}-{key}"
+    if final.exists():
+        if _intact(final):
+            return final
+        print(f"[cleanpref] cache {final} is damaged or partial: rebuilding it")
+        shutil.rmtree(final, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".building-{kind}-"))
+    try:
+        start = time.time()
+        summary = build(tmp)
+        files = {str(p.relative_to(tmp)): _digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / "manifest.json").write_text(json.dumps({"recipe": recipe, "summary": summary, "files": files}, indent=1))
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished the same build first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    stats = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+    print(f"[cleanpref] built {kind} in {time.time() - start:.0f}s -> {final} ({stats})")
+    return final
+
+
+def summary_of(directory: Path) -> dict:
+    return json.loads((directory / "manifest.json").read_text())["summary"]
+
+
+def _resolve(path_or_id: str, what: str) -> str:
+    """A local directory, or a hub id to try; one-line errors for paths that do not exist."""
+    p = Path(path_or_id).expanduser()
+    if p.exists():
+        return str(p)
+    if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1 or os.sep in path_or_id.replace("/", "", 1):
+        raise SystemExit(f"{what} path {path_or_id!r} does not exist: pass an existing local directory")
+    return path_or_id
+
+
+def _hub_error(path_or_id, what, err):
+    return SystemExit(f"cannot load {what} {path_or_id!r}: it is not a local path and the Hugging Face hub is not "
+                      f"reachable ({type(err).__name__}); download it where there is network and pass the local path")
+
+
+def _with_pad_token(model, tokenizer):
+    """Give the tokenizer a dedicated pad token (distinct from EOS), growing the embeddings if needed."""
+    if tokenizer.eos_token_id is None:
+        raise SystemExit("the tokenizer has no EOS token: responses could never end; set tokenizer.eos_token")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_causal_lm(path_or_id: str, device="cpu"):
+    """(model, tokenizer) of a Hugging Face causal LM, with a dedicated pad token and dropout off."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common import disable_dropout
+
+    src = _resolve(path_or_id, "model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src)
+        model = AutoModelForCausalLM.from_pretrained(src)
+    except OSError as err:
+        raise _hub_error(path_or_id, "model", err) from None
+    model, tokenizer = _with_pad_token(model, tokenizer)
+    return disable_dropout(model).to(device).eval(), tokenizer
+
+
+def load_reward_model(path_or_id: str, device="cpu"):
+    """(sequence classifier with one output, tokenizer), e.g. initialised from an SFT policy."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from common import disable_dropout
+
+    src = _resolve(path_or_id, "reward model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # a causal LM checkpoint lacks the new score head: expected, not news
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    except OSError as err:
+        raise _hub_error(path_or_id, "reward model", err) from None
+    model, tokenizer = _with_pad_token(model, tokenizer)
+    return disable_dropout(model).to(device).eval(), tokenizer
+
+
+def load_rows(path_or_id: str, split: str, columns: list) -> list:
+    """Rows (dicts) of a local .json/.jsonl file, a `save_to_disk` directory, or a hub dataset."""
+    import datasets
+
+    src = _resolve(path_or_id, "dataset")
+    try:
+        if src.endswith((".json", ".jsonl")):
+            ds = datasets.load_dataset("json", data_files=src, split="train")
+        elif Path(src, "dataset_info.json").exists() or Path(src, "state.json").exists():
+            ds = datasets.load_from_disk(src)
+        else:
+            ds = datasets.load_dataset(src, split=split)
+    except (OSError, ConnectionError, ValueError) as err:
+        raise _hub_error(path_or_id, "dataset", err) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise SystemExit(f"dataset {path_or_id!r} has no split {split!r}: choose one of {', '.join(ds)}")
+        ds = ds[split]
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise SystemExit(f"dataset {path_or_id!r} lacks columns {missing}; it has {ds.column_names}")
+    return list(ds)

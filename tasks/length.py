@@ -1,0 +1,203 @@
+"""Synthetic length tasks (PAPER.md 3b) at laptop scale: min_length, mode_length, skew_length.
+
+The world (shared by the three tasks, cached once):
+- A synthetic instruction language made in code: prompts ask for a story about one or two animals
+  ("tell a story about the fox and the owl ."); a response is 1-10 template sentences about them
+  (3-10 words each), the count drawn from a table with its mode at 3 and a long tail, then EOS.
+  Responses run from 3 to ~100 tokens; max_new_tokens = 64 truncates the longest few.
+- A BPE tokenizer (`tokenizers`, vocab <= 512) trained on that corpus; pad ("<pad>") distinct from
+  EOS ("<eos>"); saved in Hugging Face format.
+- pi_ref: a 2-layer, 128-wide Llama trained from scratch by `algos/sft.py`'s `sft_train`.
+- Two samples per train prompt from pi_ref (temperature 1): the raw material of the preference data.
+
+Each task then labels those pairs with its gold reward (ties dropped) and trains a proxy reward model
+(`algos/reward_model.py`, Bradley-Terry, initialised from pi_ref) on them; held-out accuracy is
+reported. Response length = tokens before EOS (a response that never emits EOS counts all its
+max_new_tokens tokens; it is truncated, not an error).
+- min_length:  gold r = -length. The optimum (short) is where pi_ref is unlikely (like R1).
+- mode_length: gold r = -|length - L|, L the mode of pi_ref's sampled length distribution (computed
+  when the world is built and stored in its summary). The optimum is where pi_ref is likely (like R2).
+- skew_length: min_length's reward, but every dataset completion is cut after its first
+  k = max(1, floor(u * n)) sentences, u ~ U(0, 0.5) per completion, n its sentence count, and closed
+  with EOS; gold scores are recomputed on the cut text. The data then covers only the short half of
+  pi_ref's lengths; the proxy reward model is trained on that skewed data too.
+
+With --model, pi_ref is that model (a dedicated pad token added if missing), prompts come from
+--prompts (or the embedded ones), responses run to 256 new tokens, and the same pipeline runs.
+"""
+
+import json
+import random
+from functools import partial
+
+import torch
+
+from tasks import Task, cached, load_causal_lm, load_rows, summary_of
+
+ANIMALS = "fox owl cat dog bear wolf deer frog duck goat hare lion mole mouse otter pig rabbit seal sheep snake swan tiger toad whale".split()
+PLACES = "forest river hill town field lake garden cave barn valley meadow bridge".split()
+ACTS = "sees finds helps follows meets chases greets watches visits calls".split()
+MOVES = "sleeps runs sings jumps waits hides eats swims laughs rests".split()
+ADJS = "little old happy sleepy brave quiet clever tiny".split()
+SENTENCE_COUNTS = [0.06, 0.16, 0.22, 0.18, 0.13, 0.09, 0.06, 0.045, 0.03, 0.025]  # P(n = 1..10): mode 3, long tail
+RECIPE = dict(version=1, seed=0, sft_examples=5500, train_prompts=2000, eval_prompts=256, vocab=512, hidden=128, layers=2,
+              heads=4, sft_epochs=1, sft_lr=3e-3, sft_minibatch=32, max_new_tokens=64, rm_lr=1e-3, rm_epochs=3,
+              rm_minibatch=64, rm_eval_fraction=0.1, skew_max_fraction=0.5)
+REAL_MODEL = dict(max_new_tokens=256, rm_lr=1e-5, rm_epochs=1, rm_minibatch=16)
+
+
+def story_prompt(rng):
+    a, b = rng.sample(ANIMALS, 2)
+    return rng.choice([f"write a story about the {rng.choice(ADJS)} {a} .", f"tell a story about the {a} and the {b} .",
+                       f"write a short tale about the {a} and the {b} near the {rng.choice(PLACES)} ."])
+
+
+def story_response(prompt, rng):
+    names = [w for w in prompt.split() if w in ANIMALS]
+    n = rng.choices(range(1, 11), weights=SENTENCE_COUNTS)[0]
+    out = []
+    for _ in range(n):
+        x, y = rng.choice(names), rng.choice([w for w in ANIMALS if w not in names[:1]])
+        out.append(rng.choice([f"the {x} {rng.choice(MOVES)} .", f"the {x} {rng.choice(ACTS)} the {y} .",
+                               f"then the {x} {rng.choice(MOVES)} by the {rng.choice(PLACES)} .",
+                               f"the {rng.choice(ADJS)} {x} {rng.choice(ACTS)} the {y} in the {rng.choice(PLACES)} ."]))
+    return " ".join(out)
+
+
+def response_lengths(responses, pad_token_id, eos_token_id):
+    """Tokens before EOS (all tokens if it never came) -> [B] float."""
+    from common import response_mask
+
+    mask = response_mask(responses, pad_token_id, eos_token_id)
+    return (mask.sum(1) - (mask & (responses == eos_token_id)).sum(1)).float()
+
+
+def gold_length_reward(queries, responses, pad_token_id, eos_token_id, mode=None):
+    length = response_lengths(responses, pad_token_id, eos_token_id)
+    return -length if mode is None else -(length - mode).abs()
+
+
+def skew_truncate(ids, period_id, eos_token_id, rng, max_fraction):
+    """Keep the first max(1, floor(u * n)) sentences (u ~ U(0, max_fraction)) and close with EOS."""
+    body = ids[:-1] if ids and ids[-1] == eos_token_id else ids
+    ends = [i for i, t in enumerate(body) if t == period_id] or [len(body) - 1]
+    keep = max(1, int(rng.uniform(0, max_fraction) * len(ends)))
+    return body[: ends[keep - 1] + 1] + [eos_token_id]
+
+
+def _train_tokenizer(texts, vocab):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<eos>", "<unk>"], show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def _build_world(out, r, model, prompts):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from algos.sft import sft_train
+    from common import generate, pad_rows
+
+    rng = random.Random(r["seed"])
+    torch.manual_seed(r["seed"])
+    demos = [(p, story_response(p, rng)) for p in (story_prompt(rng) for _ in range(r["sft_examples"]))]
+    if prompts:
+        rows = load_rows(prompts, "train", [])
+        texts = [row.get("prompt") or "<|prompter|>" + row["instruction"] + (f"\n{row['input']}" if row.get("input") else "")
+                 + "<|endoftext|><|assistant|>" for row in rows]
+    else:
+        texts = [story_prompt(rng) for _ in range(r["train_prompts"] + r["eval_prompts"])]
+    if model:
+        policy, tokenizer = load_causal_lm(model)
+        nll = float("nan")
+    else:
+        tokenizer = _train_tokenizer([p + " " + y for p, y in demos], r["vocab"])
+        cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=r["hidden"], intermediate_size=4 * r["hidden"],
+                          num_hidden_layers=r["layers"], num_attention_heads=r["heads"], num_key_value_heads=r["heads"],
+                          max_position_embeddings=2 * (32 + r["max_new_tokens"]), pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
+        policy = LlamaForCausalLM(cfg)
+        q = [tokenizer(p)["input_ids"] for p, _ in demos]
+        y = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for _, t in demos]
+        nll = sft_train(policy, q, y, tokenizer.pad_token_id, tokenizer.eos_token_id, r["sft_lr"], r["sft_epochs"],
+                        r["sft_minibatch"], r["seed"])[-1]
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    n_eval = min(r["eval_prompts"], len(ids) // 5)
+    train, evals = ids[n_eval:][: r["train_prompts"]], ids[:n_eval]
+    g = torch.Generator().manual_seed(r["seed"])
+    samples = []
+    for s in range(0, len(train), 256):  # two samples per train prompt: the preference data's raw material
+        q = pad_rows([p for p in train[s : s + 256] for _ in range(2)], tokenizer.pad_token_id, left=True)
+        y, _ = generate(policy, q, tokenizer.pad_token_id, tokenizer.eos_token_id, r["max_new_tokens"], 1.0, g)
+        samples += [[t for t in row if t != tokenizer.pad_token_id] for row in y.tolist()]
+    lengths = response_lengths(pad_rows(samples, tokenizer.pad_token_id, left=False), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    policy.save_pretrained(out / "policy")
+    tokenizer.save_pretrained(out / "policy")
+    (out / "data.json").write_text(json.dumps({"train_prompts": train, "eval_prompts": evals, "samples": samples}))
+    ended = sum(tokenizer.eos_token_id in y for y in samples) / len(samples)
+    return {"pi_ref_nll": nll, "length_mode": int(torch.mode(lengths).values), "length_mean": lengths.mean().item(),
+            "length_std": lengths.std().item(), "eos_rate": ended, "vocab": len(tokenizer)}
+
+
+def _build_task(out, r, name, world):
+    from algos.reward_model import pairwise_accuracy, reward_model_train
+    from common import pad_rows
+    from tasks import load_reward_model
+
+    data = json.loads((world / "data.json").read_text())
+    _, tokenizer = load_reward_model(str(world / "policy"))
+    pad, eos, mode = tokenizer.pad_token_id, tokenizer.eos_token_id, summary_of(world)["length_mode"]
+    period = tokenizer.convert_tokens_to_ids(".")
+    rng = random.Random(r["seed"] + 1)
+    rows = []
+    for i, prompt in enumerate(data["train_prompts"]):
+        a, b = data["samples"][2 * i], data["samples"][2 * i + 1]
+        if name == "skew_length":
+            a, b = (skew_truncate(y, period, eos, rng, r["skew_max_fraction"]) for y in (a, b))
+        sa, sb = gold_length_reward(None, pad_rows([a, b], pad, left=False), pad, eos, mode if name == "mode_length" else None).tolist()
+        if sa != sb:
+            (w, sw), (lo, sl) = sorted([(a, sa), (b, sb)], key=lambda t: -t[1])
+            rows.append({"prompt": tokenizer.decode(prompt), "chosen": tokenizer.decode(w, skip_special_tokens=True),
+                         "rejected": tokenizer.decode(lo, skip_special_tokens=True), "prompt_ids": prompt, "chosen_ids": w,
+                         "rejected_ids": lo, "chosen_score": sw, "rejected_score": sl})
+    pairs = [(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) for row in rows]
+    n_eval = int(len(pairs) * r["rm_eval_fraction"])
+    reward_model, _ = load_reward_model(str(world / "policy"))
+    torch.manual_seed(r["seed"])
+    loss = reward_model_train(reward_model, pairs[n_eval:], pad, r["rm_lr"], r["rm_epochs"], r["rm_minibatch"], r["seed"])
+    accuracy = pairwise_accuracy(reward_model, pairs[:n_eval], pad)
+    reward_model.save_pretrained(out / "reward_model")
+    (out / "preference_data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    lengths = [len(row["chosen_ids"]) for row in rows] + [len(row["rejected_ids"]) for row in rows]
+    return {"pairs": len(rows), "rm_heldout_accuracy": accuracy, "rm_final_loss": loss[-1], "data_length_mean": sum(lengths) / len(lengths)}
+
+
+def make(name, device, model=None, prompts=None):
+    import datasets
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from algos.reward_model import reward_scores
+
+    r = dict(RECIPE, **(REAL_MODEL if model else {}), model=model, prompts=prompts)
+    world = cached("length-world", r, partial(_build_world, r=r, model=model, prompts=prompts))
+    task_dir = cached(name, dict(r, world=world.name), partial(_build_task, r=r, name=name, world=world))
+    data = json.loads((world / "data.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(world / "policy")
+    pad, eos, mode = tokenizer.pad_token_id, tokenizer.eos_token_id, summary_of(world)["length_mode"]
+    rm = AutoModelForSequenceClassification.from_pretrained(task_dir / "reward_model").to(device).eval()
+    for p in rm.parameters():
+        p.requires_grad_(False)
+
+    @torch.no_grad()
+    def proxy_reward(queries, responses):
+        return reward_scores(rm, queries, responses, pad)
+
+    gold = partial(gold_length_reward, pad_token_id=pad, eos_token_id=eos, mode=mode if name == "mode_length" else None)
+    return Task(name=name, tokenizer=tokenizer, policy_path=str(world / "policy"), pad_token_id=pad, eos_token_id=eos,
+                max_new_tokens=r["max_new_tokens"], temperature=1.0, train_prompts=data["train_prompts"], eval_prompts=data["eval_prompts"],
+                preference_data=datasets.Dataset.from_list([json.loads(line) for line in open(task_dir / "preference_data.jsonl")]),
+                proxy_reward=proxy_reward,
+                gold_reward=gold, device=device, info={**summary_of(world), **summary_of(task_dir)})
