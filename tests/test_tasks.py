@@ -1,0 +1,140 @@
+"""Embedded tasks: the worlds have the geometry the study needs, rewards are right, the cache is safe."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from common import generate, pad_rows
+from tasks import cache_root, cached, make_task
+from tasks.bandit import PAD, bandit_reward, pi_data
+from tasks.length import gold_length_reward, skew_truncate
+
+
+@pytest.fixture(scope="session")
+def bandit():
+    return make_task("bandit_r1")
+
+
+@pytest.fixture(scope="session")
+def length_tasks():
+    return {name: make_task(name) for name in ("min_length", "mode_length", "skew_length")}
+
+
+def test_pi_data_shape():
+    p = pi_data()
+    assert p.shape == (100,) and abs(p.sum() - 1) < 1e-12
+    assert 10 <= int(np.argmax(p[5:95])) + 5 <= 25  # interior mode near token 16-20
+    assert p[0] > p[1] and p[99] > p[98]  # spikes at both ends
+    assert p[70] < 0.005
+
+
+def test_bandit_reward_on_hand_made_sequences():
+    y = torch.tensor([[70] * 9, [20] * 9, [80] * 9, [70] * 4 + [0] * 5])
+    r1 = bandit_reward(torch.tensor([[5]] * 4), y, 70.0)
+    expected = [1.0, float(np.exp(-25)), float(np.exp(-1)), (4 + 5 * float(np.exp(-49))) / 9]
+    torch.testing.assert_close(r1, torch.tensor(expected), atol=1e-6, rtol=1e-6)
+    # the prompt never counts: the same response under another prompt has the same reward
+    torch.testing.assert_close(bandit_reward(torch.tensor([[70]] * 4), y, 70.0), r1)
+
+
+def test_bandit_pi_ref_matches_pi_data_at_every_position(bandit):
+    policy = bandit.load_policy()
+    q = pad_rows([[i] for i in range(100)], PAD, left=True)
+    y, _ = generate(policy, q, PAD, None, 9, 1.0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = policy(torch.cat([q, y[:, :-1]], 1)).logits[:, :, :100]  # next-token at positions 0..8
+    target = torch.tensor(pi_data(), dtype=torch.float32)
+    tv = 0.5 * (torch.softmax(logits, -1) - target).abs().sum(-1)
+    assert tv.max() < 0.05, tv.max()
+
+
+def test_bandit_geometry_r2_likely_r1_unlikely(bandit):
+    policy = bandit.load_policy()
+    q = pad_rows([[i % 100] for i in range(1000)], PAD, left=True)
+    y, _ = generate(policy, q, PAD, None, 9, 1.0, torch.Generator().manual_seed(1))
+    r1, r2 = bandit_reward(q, y, 70.0).mean(), bandit_reward(q, y, 20.0).mean()
+    assert r2 > 5 * r1 and r1 < 0.08 and r2 > 0.3, (r1, r2)
+    data = bandit.preference_data
+    assert len(data) > 400 and all(c > r for c, r in zip(data["chosen_score"], data["rejected_score"]))
+
+
+def test_length_pi_ref_stops_and_has_a_spread_length_distribution(length_tasks):
+    info = length_tasks["min_length"].info
+    assert info["eos_rate"] > 0.9  # pi_ref ends its responses
+    assert 12 <= info["length_mode"] <= 30 and info["length_mean"] > info["length_mode"]  # a mode, and a long tail
+    assert info["length_std"] > 8
+
+
+def test_gold_length_rewards_on_hand_made_responses(length_tasks):
+    t = length_tasks["mode_length"]
+    pad, eos, mode = t.pad_token_id, t.eos_token_id, t.info["length_mode"]
+    y = pad_rows([[7] * 5 + [eos], [eos], [7] * 3 + [eos, 7, 7], [7] * 64], pad, left=False)
+    assert gold_length_reward(None, y, pad, eos).tolist() == [-5, 0, -3, -64]  # never-ended: all 64 count
+    assert gold_length_reward(None, y, pad, eos, mode).tolist() == [-abs(n - mode) for n in (5, 0, 3, 64)]
+    torch.testing.assert_close(t.gold_reward(None, y), gold_length_reward(None, y, pad, eos, mode))
+
+
+def test_skew_truncation_rule():
+    import random
+
+    period, eos = 3, 1
+    y = [9, 9, period, 9, period, 9, 9, 9, period, 9, period, eos]  # 4 sentences
+    cut = [skew_truncate(y, period, eos, random.Random(s), 0.5) for s in range(50)]
+    assert all(c[-1] == eos and c[-2] == period and c[:-1] == y[: len(c) - 1] for c in cut)
+    assert {c.count(period) for c in cut} == {1}  # floor(u * 4) with u < 0.5 keeps 1 sentence
+
+
+def test_skew_data_is_shorter_and_proxy_models_beat_chance(length_tasks):
+    skew, full = length_tasks["skew_length"].info, length_tasks["min_length"].info
+    assert skew["data_length_mean"] < 0.5 * full["length_mean"]
+    for name, t in length_tasks.items():
+        print(f"{name}: proxy RM held-out pairwise accuracy {t.info['rm_heldout_accuracy']:.3f} on {t.info['pairs']} pairs")
+        assert t.info["rm_heldout_accuracy"] > 0.85
+        d = t.preference_data
+        assert all(c > r for c, r in zip(d["chosen_score"], d["rejected_score"]))  # ordered, ties dropped
+
+
+def test_cache_loads_without_rebuilding_and_rebuilds_when_damaged(bandit, monkeypatch, tmp_path):
+    monkeypatch.setenv("CLEANPREF_CACHE", str(tmp_path))
+    calls = []
+
+    def build(out):
+        calls.append(1)
+        (out / "a.json").write_text(json.dumps({"x": len(calls)}))
+        return {"n": len(calls)}
+
+    d = cached("toy", {"v": 1}, build)
+    assert cached("toy", {"v": 1}, build) == d and len(calls) == 1  # loaded, not rebuilt
+    (d / "a.json").write_text("garbage")  # corrupted
+    assert cached("toy", {"v": 1}, build) == d and len(calls) == 2
+    (d / "a.json").unlink()  # partial
+    cached("toy", {"v": 1}, build)
+    assert len(calls) == 3 and json.loads((d / "a.json").read_text()) == {"x": 3}
+    cached("toy", {"v": 2}, build)  # a changed recipe is another entry
+    assert len(calls) == 4
+
+
+def test_killed_build_leaves_nothing_that_loads(monkeypatch, tmp_path):
+    monkeypatch.setenv("CLEANPREF_CACHE", str(tmp_path))
+
+    def dies(out):
+        (out / "half.bin").write_bytes(b"x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cached("toy", {"v": 1}, dies)
+    assert list(cache_root().iterdir()) == []
+
+
+def test_bad_input_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="unknown task 'min_lenght'"):
+        make_task("min_lenght")
+    with pytest.raises(SystemExit, match="does not exist"):
+        make_task("min_length", model=str(tmp_path / "no_such_model"))
+    with pytest.raises(SystemExit, match="hub is not reachable"):
+        make_task("min_length", model="nobody/no-such-model-cleanpref")
+    with pytest.raises(SystemExit, match="length tasks"):
+        make_task("bandit_r1", model=str(tmp_path))
