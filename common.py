@@ -14,7 +14,6 @@ and faster than it with its default options, at the same memory (table in the RE
 """
 
 import torch
-import torch.nn.functional as F
 
 
 def _chunk_rows(device: torch.device) -> int:

@@ -58,7 +58,8 @@ class Args:
     model: Optional[str] = None
     """replace the task's reference policy with this Hugging Face causal LM (local path or hub id)"""
     prompts: Optional[str] = None
-    """replace the task's prompts with this dataset (local file/directory or hub id)"""
+    """replace the task's prompts with this dataset (`prompt`, or AlpacaFarm's `instruction` and `input`):
+    a .json/.jsonl file, a `save_to_disk` directory, or a hub `id[:config][@split]`"""
     save_model: bool = False
     """save the final policy to runs/{run_name}/model"""
     eval_every: int = 10

@@ -43,7 +43,7 @@ class Args:
     model: str = ""
     """the model to start from (usually the SFT policy): a local directory or a hub id"""
     dataset: str = ""
-    """preference pairs (prompt, chosen, rejected columns): a .json/.jsonl file, a directory, or a hub id"""
+    """preference pairs (prompt, chosen, rejected columns): a .json/.jsonl file, a directory, or a hub id (`id[:config][@split]`)"""
     split: str = "train"
     """dataset split"""
     max_length: int = 512

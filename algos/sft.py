@@ -5,8 +5,8 @@
 The embedded tasks build their reference policy pi_ref with `sft_train` below (tasks/length.py,
 tasks/bandit.py); this file is also a standalone script for your own model and data:
 
-    python algos/sft.py --model EleutherAI/pythia-160m --dataset tatsu-lab/alpaca_farm --split sft \
-        --prompt-column instruction --response-column output --cuda
+    python algos/sft.py --model EleutherAI/pythia-1.4b --dataset tatsu-lab/alpaca_farm:alpaca_instructions@sft \
+        --response-column output --cuda --output-dir runs/pythia_sft
     python algos/sft.py --model path/to/local_model --dataset path/to/data.jsonl --output-dir runs/my_sft
 
 The prompt is not trained on (loss on response tokens only); EOS is appended to every response so
@@ -20,7 +20,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import tyro
@@ -42,11 +41,11 @@ class Args:
     model: str = ""
     """the model to fine-tune: a local directory or a hub id"""
     dataset: str = ""
-    """the demonstrations: a local .json/.jsonl file, a `save_to_disk` directory, or a hub id"""
+    """the demonstrations: a local .json/.jsonl file, a `save_to_disk` directory, or a hub id (`id[:config][@split]`)"""
     split: str = "train"
     """dataset split"""
     prompt_column: str = "prompt"
-    """column holding the prompt text"""
+    """column holding the prompt text; without it, AlpacaFarm's instruction [+ input] in the study's template"""
     response_column: str = "response"
     """column holding the demonstration text"""
     max_length: int = 512
@@ -99,7 +98,7 @@ def sft_train(model, queries, responses, pad_token_id, eos_token_id, learning_ra
 def main(args: Args):
     from tqdm.auto import tqdm
 
-    from tasks import load_causal_lm, load_rows
+    from tasks import load_causal_lm, load_rows, prompt_text
 
     if not args.model or not args.dataset:
         raise SystemExit("sft.py: pass --model (local directory or hub id) and --dataset (file, directory or hub id)")
@@ -107,8 +106,8 @@ def main(args: Args):
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     model, tokenizer = load_causal_lm(args.model, device)
-    rows = load_rows(args.dataset, args.split, [args.prompt_column, args.response_column])
-    queries = [tokenizer(r[args.prompt_column])["input_ids"][-args.max_length :] for r in rows]
+    rows = load_rows(args.dataset, args.split, [args.response_column])
+    queries = [tokenizer(prompt_text(r, args.prompt_column))["input_ids"][-args.max_length :] for r in rows]
     responses = [tokenizer(r[args.response_column])["input_ids"][: args.max_length - 1] + [tokenizer.eos_token_id] for r in rows]
     out = Path(args.output_dir or f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
     out.mkdir(parents=True, exist_ok=True)

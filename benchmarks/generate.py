@@ -62,7 +62,7 @@ def main():
                 if a.cuda:
                     torch.cuda.synchronize()
                 t = time.perf_counter()
-                out = fn()
+                fn()
                 if a.cuda:
                     torch.cuda.synchronize()
                 times[k].append(time.perf_counter() - t)

@@ -137,7 +137,7 @@ def main():
                 mem[k] = json.loads(out.stdout.strip().splitlines()[-1])
             t0, m0 = statistics.median(times["naive"]), mem["naive"]
             print(f"\nV={v} {'fwd+bwd' if mode == 'fwdbwd' else 'forward only (no_grad)'}")
-            print(f"| implementation | time ms | time / naive | peak MiB | memory / naive |\n|---|---|---|---|---|")
+            print("| implementation | time ms | time / naive | peak MiB | memory / naive |\n|---|---|---|---|---|")
             for k in fns:
                 t = statistics.median(times[k])
                 print(f"| {k} | {1000 * t:.1f} | {t / t0:.2f}x | {mem[k]:.1f} | {mem[k] / m0:.3f}x |")

@@ -139,6 +139,16 @@ def _resolve(path_or_id: str, what: str) -> str:
     return path_or_id
 
 
+def source_key(path_or_id: Optional[str]):
+    """What identifies a model or dataset in a cache recipe: a hub id as given; a local path made absolute,
+    with its files' sizes and modification times, so that retraining a model in place rebuilds."""
+    if path_or_id is None or not Path(path_or_id).expanduser().exists():
+        return path_or_id
+    p = Path(path_or_id).expanduser().resolve()
+    files = sorted(f for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    return [str(p)] + [(str(f.relative_to(p.parent)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
 def _hub_error(path_or_id, what, err):
     return SystemExit(f"cannot load {what} {path_or_id!r}: it is not a local path and the Hugging Face hub is not "
                       f"reachable ({type(err).__name__}); download it where there is network and pass the local path")
@@ -150,7 +160,8 @@ def _with_pad_token(model, tokenizer):
         raise SystemExit("the tokenizer has no EOS token: responses could never end; set tokenizer.eos_token")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-        model.resize_token_embeddings(len(tokenizer))
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # grow only: Pythia pads its matrix to 50304 rows
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the pad row is never attended nor sampled
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
@@ -164,7 +175,7 @@ def load_causal_lm(path_or_id: str, device="cpu"):
     src = _resolve(path_or_id, "model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(src)
-        model = AutoModelForCausalLM.from_pretrained(src)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)  # fp32 weights for Adam, whatever the checkpoint's dtype
     except OSError as err:
         raise _hub_error(path_or_id, "model", err) from None
     model, tokenizer = _with_pad_token(model, tokenizer)
@@ -183,7 +194,7 @@ def load_reward_model(path_or_id: str, device="cpu"):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # a causal LM checkpoint lacks the new score head: expected, not news
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1)
+            model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1, dtype=torch.float32)
         finally:
             hf_logging.set_verbosity(verbosity)
     except OSError as err:
@@ -193,17 +204,24 @@ def load_reward_model(path_or_id: str, device="cpu"):
 
 
 def load_rows(path_or_id: str, split: str, columns: list) -> list:
-    """Rows (dicts) of a local .json/.jsonl file, a `save_to_disk` directory, or a hub dataset."""
+    """Rows (dicts) of a local .json/.jsonl file, a `save_to_disk` directory, or a hub dataset, written
+    `id`, `id:config` or `id:config@split` (e.g. tatsu-lab/alpaca_farm:alpaca_instructions@unlabeled);
+    `@split` overrides `split`."""
     import datasets
 
+    config = None
+    if not Path(path_or_id).expanduser().exists():
+        path_or_id, _, at_split = path_or_id.partition("@")
+        path_or_id, _, config = path_or_id.partition(":")
+        split, config = at_split or split, config or None
     src = _resolve(path_or_id, "dataset")
     try:
         if src.endswith((".json", ".jsonl")):
             ds = datasets.load_dataset("json", data_files=src, split="train")
-        elif Path(src, "dataset_info.json").exists() or Path(src, "state.json").exists():
+        elif any(Path(src, f).exists() for f in ("state.json", "dataset_dict.json")):  # save_to_disk output
             ds = datasets.load_from_disk(src)
         else:
-            ds = datasets.load_dataset(src, split=split)
+            ds = datasets.load_dataset(src, config, split=split)
     except (OSError, ConnectionError, ValueError) as err:
         raise _hub_error(path_or_id, "dataset", err) from None
     if isinstance(ds, datasets.DatasetDict):
@@ -214,3 +232,13 @@ def load_rows(path_or_id: str, split: str, columns: list) -> list:
     if missing:
         raise SystemExit(f"dataset {path_or_id!r} lacks columns {missing}; it has {ds.column_names}")
     return list(ds)
+
+
+def prompt_text(row: dict, column: str = "prompt") -> str:
+    """The prompt of a dataset row: its `column`, or else AlpacaFarm's `instruction` [+ `input`] in the
+    study's Pythia-SFT template (PAPER.md 3c)."""
+    if column in row:
+        return row[column]
+    if "instruction" in row:
+        return "<|prompter|>" + row["instruction"] + (f"\n{row['input']}" if row.get("input") else "") + "<|endoftext|><|assistant|>"
+    raise SystemExit(f"prompts need a {column!r} column or AlpacaFarm's `instruction` [+ `input`]; the data has {list(row)}")

@@ -22,8 +22,17 @@ max_new_tokens tokens; it is truncated, not an error).
   with EOS; gold scores are recomputed on the cut text. The data then covers only the short half of
   pi_ref's lengths; the proxy reward model is trained on that skewed data too.
 
-With --model, pi_ref is that model (a dedicated pad token added if missing), prompts come from
---prompts (or the embedded ones), responses run to 256 new tokens, and the same pipeline runs.
+The study's version (Pythia SFT on AlpacaFarm prompts) runs through the same pipeline:
+--model makes pi_ref a Hugging Face causal LM (loaded in fp32, a dedicated pad token added if it has
+none, e.g. Pythia), --prompts replaces the story prompts with a dataset's (`prompt`, or AlpacaFarm's
+`instruction` [+ `input`] in the Pythia-SFT template); responses run to 256 new tokens, the reward
+model starts from pi_ref with lr 1e-5 for one epoch (REAL_MODEL), and building happens on the run's
+device. On CPU it is tested with a tiny local GPT-NeoX directory (tests/conftest.py).
+
+    python algos/sft.py --model EleutherAI/pythia-1.4b --dataset tatsu-lab/alpaca_farm:alpaca_instructions@sft \
+        --response-column output --cuda --output-dir runs/pythia_sft
+    python algos/online_dpo.py --task min_length --model runs/pythia_sft/model \
+        --prompts tatsu-lab/alpaca_farm:alpaca_instructions@unlabeled --cuda
 """
 
 import json
@@ -32,7 +41,7 @@ from functools import partial
 
 import torch
 
-from tasks import Task, cached, load_causal_lm, load_rows, summary_of
+from tasks import Task, cached, load_causal_lm, load_rows, prompt_text, source_key, summary_of
 
 ANIMALS = "fox owl cat dog bear wolf deer frog duck goat hare lion mole mouse otter pig rabbit seal sheep snake swan tiger toad whale".split()
 PLACES = "forest river hill town field lake garden cave barn valley meadow bridge".split()
@@ -41,9 +50,9 @@ MOVES = "sleeps runs sings jumps waits hides eats swims laughs rests".split()
 ADJS = "little old happy sleepy brave quiet clever tiny".split()
 SENTENCE_COUNTS = [0.06, 0.16, 0.22, 0.18, 0.13, 0.09, 0.06, 0.045, 0.03, 0.025]  # P(n = 1..10): mode 3, long tail
 RECIPE = dict(version=2, seed=0, sft_examples=5500, train_prompts=2000, eval_prompts=256, vocab=512, hidden=128, layers=2,
-              heads=4, sft_epochs=1, sft_lr=3e-3, sft_minibatch=32, max_new_tokens=64, rm_lr=1e-3, rm_epochs=3,
+              heads=4, sample_batch=512, sft_epochs=1, sft_lr=3e-3, sft_minibatch=32, max_new_tokens=64, rm_lr=1e-3, rm_epochs=3,
               rm_minibatch=64, rm_eval_fraction=0.1, skew_max_fraction=0.5)
-REAL_MODEL = dict(max_new_tokens=256, rm_lr=1e-5, rm_epochs=1, rm_minibatch=16)
+REAL_MODEL = dict(max_new_tokens=256, sample_batch=64, rm_lr=1e-5, rm_epochs=1, rm_minibatch=16)
 
 
 def story_prompt(rng):
@@ -95,42 +104,40 @@ def _train_tokenizer(texts, vocab):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def _build_world(out, r, model, prompts):
+def _build_world(out, r, model, prompts, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from algos.sft import sft_train
     from common import generate, pad_rows
 
+    texts = [prompt_text(row) for row in load_rows(prompts, "train", [])] if prompts else None  # a bad file fails before training
+    if texts == []:
+        raise SystemExit(f"prompts {prompts!r} has no rows")
     rng = random.Random(r["seed"])
     torch.manual_seed(r["seed"])
-    demos = [(p, story_response(p, rng)) for p in (story_prompt(rng) for _ in range(r["sft_examples"]))]
-    if prompts:
-        rows = load_rows(prompts, "train", [])
-        texts = [row.get("prompt") or "<|prompter|>" + row["instruction"] + (f"\n{row['input']}" if row.get("input") else "")
-                 + "<|endoftext|><|assistant|>" for row in rows]
-    else:
-        texts = [story_prompt(rng) for _ in range(r["train_prompts"] + r["eval_prompts"])]
     if model:
-        policy, tokenizer = load_causal_lm(model)
+        policy, tokenizer = load_causal_lm(model, device)
         nll = float("nan")
     else:
+        demos = [(p, story_response(p, rng)) for p in (story_prompt(rng) for _ in range(r["sft_examples"]))]
         tokenizer = _train_tokenizer([p + " " + y for p, y in demos], r["vocab"])
         cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=r["hidden"], intermediate_size=4 * r["hidden"],
                           num_hidden_layers=r["layers"], num_attention_heads=r["heads"], num_key_value_heads=r["heads"],
                           max_position_embeddings=2 * (32 + r["max_new_tokens"]), pad_token_id=tokenizer.pad_token_id,
                           eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
-        policy = LlamaForCausalLM(cfg)
+        policy = LlamaForCausalLM(cfg).to(device)
         q = [tokenizer(p)["input_ids"] for p, _ in demos]
         y = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for _, t in demos]
         nll = sft_train(policy, q, y, tokenizer.pad_token_id, tokenizer.eos_token_id, r["sft_lr"], r["sft_epochs"],
                         r["sft_minibatch"], r["seed"])[-1]
+    texts = texts or [story_prompt(rng) for _ in range(r["train_prompts"] + r["eval_prompts"])]
     ids = [tokenizer(t)["input_ids"] for t in texts]
     n_eval = min(r["eval_prompts"], len(ids) // 5)
     train, evals = ids[n_eval:][: r["train_prompts"]], ids[:n_eval]
-    g = torch.Generator().manual_seed(r["seed"])
+    g = torch.Generator(device).manual_seed(r["seed"])
     samples = []
-    for s in range(0, len(train), 256):  # two samples per train prompt: the preference data's raw material
-        q = pad_rows([p for p in train[s : s + 256] for _ in range(2)], tokenizer.pad_token_id, left=True)
+    for s in range(0, len(train), r["sample_batch"] // 2):  # two samples per train prompt: the preference data's raw material
+        q = pad_rows([p for p in train[s : s + r["sample_batch"] // 2] for _ in range(2)], tokenizer.pad_token_id, left=True, device=device)
         y, _ = generate(policy, q, tokenizer.pad_token_id, tokenizer.eos_token_id, r["max_new_tokens"], 1.0, g)
         samples += [[t for t in row if t != tokenizer.pad_token_id] for row in y.tolist()]
     lengths = response_lengths(pad_rows(samples, tokenizer.pad_token_id, left=False), tokenizer.pad_token_id, tokenizer.eos_token_id)
@@ -142,7 +149,7 @@ def _build_world(out, r, model, prompts):
             "length_std": lengths.std().item(), "eos_rate": ended, "vocab": len(tokenizer)}
 
 
-def _build_task(out, r, name, world):
+def _build_task(out, r, name, world, device):
     from algos.reward_model import pairwise_accuracy, reward_model_train
     from common import pad_rows
     from tasks import load_reward_model
@@ -165,8 +172,12 @@ def _build_task(out, r, name, world):
                          "rejected_ids": lo, "chosen_score": sw, "rejected_score": sl})
     pairs = [(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) for row in rows]
     n_eval = int(len(pairs) * r["rm_eval_fraction"])
+    if n_eval < 2:
+        raise SystemExit(f"{name}: only {len(pairs)} of {len(data['train_prompts'])} sampled pairs differ in gold reward, too "
+                         f"few to train a reward model; give more prompts, or a pi_ref that ends its responses within "
+                         f"{r['max_new_tokens']} tokens")
     torch.manual_seed(r["seed"])  # the new score head's init must not depend on earlier RNG use
-    reward_model, _ = load_reward_model(str(world / "policy"))
+    reward_model, _ = load_reward_model(str(world / "policy"), device)
     loss = reward_model_train(reward_model, pairs[n_eval:], pad, r["rm_lr"], r["rm_epochs"], r["rm_minibatch"], r["seed"])
     accuracy = pairwise_accuracy(reward_model, pairs[:n_eval], pad)
     reward_model.save_pretrained(out / "reward_model")
@@ -181,9 +192,9 @@ def make(name, device, model=None, prompts=None):
 
     from algos.reward_model import reward_scores
 
-    r = dict(RECIPE, **(REAL_MODEL if model else {}), model=model, prompts=prompts)
-    world = cached("length-world", r, partial(_build_world, r=r, model=model, prompts=prompts))
-    task_dir = cached(name, dict(r, world=world.name), partial(_build_task, r=r, name=name, world=world))
+    r = dict(RECIPE, **(REAL_MODEL if model else {}), model=source_key(model), prompts=source_key(prompts))
+    world = cached("length-world", r, partial(_build_world, r=r, model=model, prompts=prompts, device=device))
+    task_dir = cached(name, dict(r, world=world.name), partial(_build_task, r=r, name=name, world=world, device=device))
     data = json.loads((world / "data.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(world / "policy")
     pad, eos, mode = tokenizer.pad_token_id, tokenizer.eos_token_id, summary_of(world)["length_mode"]

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
 
 TASKS = ["bandit_r1", "bandit_r2", "min_length", "mode_length", "skew_length"]
@@ -92,6 +91,43 @@ def test_script_runs_end_to_end(script, task, tmp_path):
     assert rows[-1]["samples"] == 16 and all(math.isfinite(v) for r in rows for v in r.values())
     assert rows[0]["eval/kl_ref"] == pytest.approx(0.0, abs=1e-4)  # the policy starts at pi_ref
     assert (next((tmp_path / "runs").iterdir()) / "model" / "config.json").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_runs_on_a_local_model_and_prompts(script, local_pythia, tmp_path, monkeypatch):
+    model_dir, prompts, cache = local_pythia
+    monkeypatch.setenv("CLEANPREF_CACHE", str(cache))
+    out = run(script, tmp_path, "--task", "skew_length", "--model", str(model_dir), "--prompts", str(prompts), "--num-iterations", "2",
+              "--batch-size", "8", "--minibatch-size", "4", "--num-eval-prompts", "4", "--save-model")
+    assert out.returncode == 0, out.stderr[-3000:]
+    args, rows = metrics_of(tmp_path, script, "skew_length")
+    assert args["model"] == str(model_dir) and [r["iteration"] for r in rows] == [0, 1, 2]
+    assert all(math.isfinite(v) for r in rows for v in r.values()) and rows[0]["eval/kl_ref"] == pytest.approx(0.0, abs=1e-3)
+    saved = next((tmp_path / "runs").iterdir()) / "model"
+    assert json.loads((saved / "config.json").read_text())["model_type"] == "gpt_neox" and (saved / "tokenizer.json").exists()
+
+
+def test_sft_and_reward_model_scripts_train_a_local_model(local_pythia, tmp_path):
+    from conftest import INSTRUCTIONS
+
+    model_dir, _, _ = local_pythia
+    words = "one two three four five six seven eight nine".split()
+    demos = [{"instruction": INSTRUCTIONS[i % 6], "input": "", "output": " ".join(words[: 1 + i % 3])} for i in range(48)]
+    (tmp_path / "demos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in demos))
+    out = run("sft", tmp_path, "--model", str(model_dir), "--dataset", "demos.jsonl", "--response-column", "output",
+              "--learning-rate", "1e-2", "--num-epochs", "5", "--minibatch-size", "8", "--output-dir", "sft")
+    assert out.returncode == 0, out.stderr[-3000:]
+    nll = json.loads((tmp_path / "sft" / "metrics.json").read_text())["train/nll_per_epoch"]
+    assert nll[-1] < 0.5 * nll[0], nll  # a uniform start (log V = 4.2 nats) learns the demonstrations
+    # Bradley-Terry on the SFT model: the shorter response is preferred
+    pairs = [{"prompt": d["instruction"], "chosen": words[i % 3], "rejected": " ".join(words[: 4 + i % 5])} for i, d in enumerate(demos)]
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    out = run("reward_model", tmp_path, "--model", "sft/model", "--dataset", "prefs.jsonl", "--learning-rate", "3e-3",
+              "--num-epochs", "3", "--minibatch-size", "8", "--eval-fraction", "0.25", "--output-dir", "rm")
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "rm" / "metrics.json").read_text())
+    assert metrics["train/loss_per_epoch"][-1] < 0.5 < metrics["eval/pairwise_accuracy"], metrics
+    assert json.loads((tmp_path / "rm" / "model" / "config.json").read_text())["architectures"] == ["GPTNeoXForSequenceClassification"]
 
 
 def test_online_dpo_learns_skew_length(tmp_path):

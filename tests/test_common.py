@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import EOS, PAD, tiny_llama
 
 from common import exact_div, fused_logprobs, generate, pad_rows, response_logprobs
-from conftest import EOS, PAD, tiny_llama
 
 
 def naive_logprobs(h, w, y, temperature=1.0, banned=None):

@@ -1,14 +1,14 @@
 """Embedded tasks: the worlds have the geometry the study needs, rewards are right, the cache is safe."""
 
 import json
-import shutil
 
+import datasets
 import numpy as np
 import pytest
 import torch
 
 from common import generate, pad_rows
-from tasks import cache_root, cached, make_task
+from tasks import _with_pad_token, cache_root, cached, load_rows, make_task, prompt_text
 from tasks.bandit import PAD, bandit_reward, pi_data
 from tasks.length import gold_length_reward, skew_truncate
 
@@ -138,3 +138,60 @@ def test_bad_input_is_one_line(tmp_path):
         make_task("min_length", model="nobody/no-such-model-cleanpref")
     with pytest.raises(SystemExit, match="length tasks"):
         make_task("bandit_r1", model=str(tmp_path))
+
+
+def test_local_model_and_prompts_replace_the_embedded_world(local_pythia, monkeypatch):
+    model_dir, prompts, cache = local_pythia
+    monkeypatch.setenv("CLEANPREF_CACHE", str(cache))
+    t = make_task("min_length", model=str(model_dir), prompts=str(prompts))
+    assert t.pad_token_id == len(t.tokenizer) - 1 != t.eos_token_id  # a dedicated pad token was added
+    assert t.max_new_tokens == 256
+    policy = t.load_policy()
+    assert type(policy).__name__ == "GPTNeoXForCausalLM" and policy.dtype == torch.float32  # fp16 on disk
+    assert policy.get_input_embeddings().num_embeddings == len(t.tokenizer)  # grown by the pad row
+    # the prompts are the file's rows in the AlpacaFarm template: the first fifth held out for evaluation
+    rows = [json.loads(line) for line in open(prompts)]
+    texts = ["<|prompter|>" + r["instruction"] + (f"\n{r['input']}" if r["input"] else "") + "<|endoftext|><|assistant|>" for r in rows]
+    assert t.eval_prompts + t.train_prompts == [t.tokenizer(x)["input_ids"] for x in texts] and len(t.eval_prompts) == 12
+    # a uniform sampler over V tokens stops with probability 1/V per token: most of 256 tokens end
+    assert 0.8 < t.info["eos_rate"] < 1.0 and t.info["length_mean"] > 20
+    d = t.preference_data
+    assert 30 <= len(d) <= 48 and 0.0 <= t.info["rm_heldout_accuracy"] <= 1.0
+    for c, r, cs, rs in zip(d["chosen_ids"], d["rejected_ids"], d["chosen_score"], d["rejected_score"]):
+        assert cs > rs and cs == -(len(c) - (c[-1] == t.eos_token_id))  # min_length gold: tokens before EOS
+    q = pad_rows(d["prompt_ids"][:4], t.pad_token_id, left=True)
+    y = pad_rows(d["chosen_ids"][:4], t.pad_token_id, left=False)
+    assert t.proxy_reward(q, y).shape == (4,) and torch.isfinite(t.proxy_reward(q, y)).all()
+    assert make_task("min_length", model=str(model_dir), prompts=str(prompts)).info == t.info  # cached
+
+
+def test_pad_token_is_added_without_shrinking_a_padded_embedding_matrix():
+    from tokenizers import Tokenizer, models
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({f"w{i}": i for i in range(40)}, unk_token="w0")),
+                                  eos_token="w1")
+    cfg = GPTNeoXConfig(vocab_size=48, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    model, tok = _with_pad_token(GPTNeoXForCausalLM(cfg), tok)  # like Pythia: 50277 tokens, 50304 rows
+    assert tok.pad_token_id == 40 and model.get_input_embeddings().num_embeddings == 48 and model.config.pad_token_id == 40
+    tok.add_special_tokens({"additional_special_tokens": [f"x{i}" for i in range(10)]})
+    model, tok = _with_pad_token(model, tok)  # 51 tokens now: grown
+    assert tok.pad_token_id == 40 and model.get_input_embeddings().num_embeddings == 51
+
+
+def test_dataset_specs_and_prompt_columns(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLEANPREF_CACHE", str(tmp_path / "cache"))
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": "a"}]),
+                               "test": datasets.Dataset.from_list([{"prompt": "b"}, {"prompt": "c"}])})
+    dd.save_to_disk(tmp_path / "dd")
+    assert load_rows(str(tmp_path / "dd"), "train", ["prompt"]) == [{"prompt": "a"}]
+    assert load_rows(str(tmp_path / "dd") + "@test", "train", ["prompt"]) == [{"prompt": "b"}, {"prompt": "c"}]
+    with pytest.raises(SystemExit, match="has no split 'val': choose one of train, test"):
+        load_rows(str(tmp_path / "dd") + "@val", "train", [])
+    with pytest.raises(SystemExit, match="hub is not reachable"):
+        load_rows("nobody/no-such-data-cleanpref:config@split", "train", [])
+    (tmp_path / "bad.jsonl").write_text('{"question": "hi"}\n')
+    with pytest.raises(SystemExit, match="need a 'prompt' column or AlpacaFarm's `instruction`"):
+        make_task("min_length", prompts=str(tmp_path / "bad.jsonl"))
+    assert prompt_text({"instruction": "add", "input": "1 2"}) == "<|prompter|>add\n1 2<|endoftext|><|assistant|>"
+    assert prompt_text({"instruction": "add", "input": "", "prompt": "x"}) == "x"
