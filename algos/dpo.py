@@ -168,7 +168,12 @@ def main(args: Args):
     metrics_file = open(run_dir / "metrics.jsonl", "w")
     start, samples_seen = time.time(), 0
 
-    def log(iteration, metrics, table=None):
+    def log(iteration, metrics):
+        """Write one row of metrics; at iteration 0, every eval_every and the last, evaluate first and print."""
+        table = None
+        if iteration % args.eval_every == 0 or iteration == args.num_iterations:
+            eval_metrics, table = evaluate(policy, ref_policy, task, eval_prompts, args.seed)
+            metrics = {**metrics, **eval_metrics}
         row = {"iteration": iteration, "samples": samples_seen, "time_s": round(time.time() - start, 3), **metrics}
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
@@ -192,7 +197,7 @@ def main(args: Args):
         ref_logps = torch.cat(ref_logps)  # [N, 2]: chosen, rejected
     order, cursor = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed)), 0
 
-    log(0, *evaluate(policy, ref_policy, task, eval_prompts, args.seed))
+    log(0, {})
     for iteration in range(1, args.num_iterations + 1):
         # ALGO LOGIC: draw B pairs from the fixed dataset (a fresh shuffle after each pass)
         if cursor + args.batch_size > len(data):
@@ -224,11 +229,7 @@ def main(args: Args):
         s = np.mean(stats, axis=0)
         metrics = dict(zip(["train/loss", "logps/chosen", "logps/rejected", "rewards/margins", "rewards/accuracies",
                             "rewards/chosen", "rewards/rejected", "train/grad_norm"], s.tolist()))
-        if iteration % args.eval_every == 0 or iteration == args.num_iterations:
-            eval_metrics, table = evaluate(policy, ref_policy, task, eval_prompts, args.seed)
-            log(iteration, {**metrics, **eval_metrics}, table)
-        else:
-            log(iteration, metrics)
+        log(iteration, metrics)
 
     if args.save_model:
         policy.save_pretrained(run_dir / "model")

@@ -180,3 +180,4 @@ def test_all_tied_batch_is_a_logged_skip(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     _, rows = metrics_of(tmp_path, "online_dpo", "bandit_r1")
     assert [r["train/pairs_kept"] for r in rows[1:3]] == [0.0, 0.0]
+    assert EVAL_KEYS <= set(rows[2])  # a skipped last iteration is still evaluated: the run's result is never lost
