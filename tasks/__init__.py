@@ -110,7 +110,8 @@ def cached(kind: str, recipe: dict, build: Callable[[Path], dict]) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".building-{kind}-"))
     try:
         start = time.time()
-        summary = build(tmp)
+        with torch.random.fork_rng():  # builds seed themselves; a run must not depend on whether its cache was warm
+            summary = build(tmp)
         files = {str(p.relative_to(tmp)): _digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / "manifest.json").write_text(json.dumps({"recipe": recipe, "summary": summary, "files": files}, indent=1))
         try:

@@ -117,6 +117,22 @@ def test_cache_loads_without_rebuilding_and_rebuilds_when_damaged(bandit, monkey
     assert len(calls) == 4
 
 
+def test_a_build_leaves_the_global_rng_alone(monkeypatch, tmp_path):
+    # a run that builds its task (cold cache) must train exactly like one that loads it (warm cache)
+    monkeypatch.setenv("CLEANPREF_CACHE", str(tmp_path))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+
+    def build(out):
+        torch.manual_seed(0)
+        torch.rand(5)
+        return {}
+
+    cached("toy", {"v": 1}, build)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_killed_build_leaves_nothing_that_loads(monkeypatch, tmp_path):
     monkeypatch.setenv("CLEANPREF_CACHE", str(tmp_path))
 
