@@ -91,7 +91,7 @@ class Args:
     """pairs whose proxy-reward gap (best - worst) is <= this are dropped"""
     missing_eos_penalty: float = 10.0
     """subtracted from the proxy reward of completions that never emit EOS (the reward model never saw
-    one, and would otherwise be hacked by never stopping); 0 turns it off"""
+    one, so its score there is arbitrary and a policy could exploit it by never stopping); 0 turns it off"""
 
     # to be filled in runtime
     num_minibatches: int = 0
