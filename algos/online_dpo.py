@@ -62,7 +62,7 @@ class Args:
     """replace the task's prompts with this dataset (`prompt`, or AlpacaFarm's `instruction` and `input`):
     a .json/.jsonl file, a `save_to_disk` directory, or a hub `id[:config][@split]`"""
     save_model: bool = False
-    """save the final policy to runs/{run_name}/model"""
+    """save the policy to runs/{run_name}/model at every evaluation (the last one is the final policy)"""
     eval_every: int = 10
     """evaluate on held-out prompts every this many iterations (and at 0 and the end)"""
     num_eval_prompts: int = 128
@@ -183,11 +183,14 @@ def main(args: Args):
     start, samples_seen = time.time(), 0
 
     def log(iteration, metrics):
-        """Write one row of metrics; at iteration 0, every eval_every and the last, evaluate first and print."""
+        """Write one row of metrics; at iteration 0, every eval_every and the last, evaluate (and checkpoint) first."""
         table = None
         if iteration % args.eval_every == 0 or iteration == args.num_iterations:
             eval_metrics, table = evaluate(policy, ref_policy, task, eval_prompts, args.seed)
             metrics = {**metrics, **eval_metrics}
+            if args.save_model and iteration > 0:  # a killed run keeps its latest evaluated policy
+                policy.save_pretrained(run_dir / "model")
+                task.tokenizer.save_pretrained(run_dir / "model")
         row = {"iteration": iteration, "samples": samples_seen, "time_s": round(time.time() - start, 3), **metrics}
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
@@ -247,9 +250,6 @@ def main(args: Args):
         metrics.update({"train/pairs_kept": n_pairs / args.num_prompts, "objective/proxy_reward": scores.mean().item()})
         log(iteration, metrics)
 
-    if args.save_model:
-        policy.save_pretrained(run_dir / "model")
-        task.tokenizer.save_pretrained(run_dir / "model")
     metrics_file.close()
     if args.track:
         wandb.finish()

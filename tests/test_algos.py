@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -171,6 +172,30 @@ def test_bad_arguments_give_one_line(script, args, message, tmp_path):
     out = run(script, tmp_path, *args)
     assert out.returncode != 0 and message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_killed_run_keeps_its_metrics_and_latest_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tasks import make_task
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "algos" / "dpo.py"), "--task", "bandit_r1", "--num-iterations", "100000",
+                             "--eval-every", "50", "--batch-size", "8", "--minibatch-size", "4", "--num-eval-prompts", "8", "--save-model"],
+                            cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # kill it right after the iteration-50 row, i.e. between two checkpoints
+        for _ in range(2400):
+            files = list(tmp_path.glob("runs/*/metrics.jsonl"))
+            if proc.poll() is not None or (files and any('"iteration": 50,' in line for line in open(files[0]))):
+                break
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    _, rows = metrics_of(tmp_path, "dpo", "bandit_r1")
+    assert EVAL_KEYS <= set(rows[50]) and rows[50]["iteration"] == 50
+    saved = AutoModelForCausalLM.from_pretrained(next((tmp_path / "runs").iterdir()) / "model")
+    ref = make_task("bandit_r1").load_policy()
+    assert any(not torch.equal(a, b) for a, b in zip(saved.state_dict().values(), ref.state_dict().values()))  # trained
 
 
 def test_all_tied_batch_is_a_logged_skip(tmp_path):
