@@ -167,41 +167,40 @@ def _with_pad_token(model, tokenizer):
     return model, tokenizer
 
 
-def load_causal_lm(path_or_id: str, device="cpu"):
-    """(model, tokenizer) of a Hugging Face causal LM, with a dedicated pad token and dropout off."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load(auto_class, path_or_id: str, what: str, device, **kwargs):
+    """(model, tokenizer) from a local directory or hub id: fp32 weights for Adam whatever the
+    checkpoint's dtype, a dedicated pad token, dropout off."""
+    from transformers import AutoTokenizer
 
     from common import disable_dropout
 
-    src = _resolve(path_or_id, "model")
+    src = _resolve(path_or_id, what)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)  # fp32 weights for Adam, whatever the checkpoint's dtype
+        model = auto_class.from_pretrained(src, dtype=torch.float32, **kwargs)
     except OSError as err:
-        raise _hub_error(path_or_id, "model", err) from None
+        raise _hub_error(path_or_id, what, err) from None
     model, tokenizer = _with_pad_token(model, tokenizer)
     return disable_dropout(model).to(device).eval(), tokenizer
+
+
+def load_causal_lm(path_or_id: str, device="cpu"):
+    """(model, tokenizer) of a Hugging Face causal LM."""
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM, path_or_id, "model", device)
 
 
 def load_reward_model(path_or_id: str, device="cpu"):
     """(sequence classifier with one output, tokenizer), e.g. initialised from an SFT policy."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    from common import disable_dropout
-
-    src = _resolve(path_or_id, "reward model")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a causal LM checkpoint lacks the new score head: expected, not news
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src)
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # a causal LM checkpoint lacks the new score head: expected, not news
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1, dtype=torch.float32)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-    except OSError as err:
-        raise _hub_error(path_or_id, "reward model", err) from None
-    model, tokenizer = _with_pad_token(model, tokenizer)
-    return disable_dropout(model).to(device).eval(), tokenizer
+        return _load(AutoModelForSequenceClassification, path_or_id, "reward model", device, num_labels=1)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def load_rows(path_or_id: str, split: str, columns: list) -> list:

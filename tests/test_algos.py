@@ -30,6 +30,13 @@ def run(script, tmp_path, *args):
     return out
 
 
+def train(script, tmp_path, task, *args):
+    """Run `script` on `task` to completion; its (args.json, metrics rows)."""
+    out = run(script, tmp_path, "--task", task, *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return metrics_of(tmp_path, script, task)
+
+
 def metrics_of(tmp_path, script, task):
     (run_dir,) = [d for d in (tmp_path / "runs").iterdir() if d.name.startswith(f"{task}__{script}__")]
     return json.loads((run_dir / "args.json").read_text()), [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
@@ -81,10 +88,8 @@ def test_pref_ft_loss_is_token_mean_nll_of_chosen(tiny_lm):
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_script_runs_end_to_end(script, task, tmp_path):
-    out = run(script, tmp_path, "--task", task, "--num-iterations", "2", "--eval-every", "1", "--batch-size", "8",
-              "--minibatch-size", "4", "--num-eval-prompts", "8", "--save-model")
-    assert out.returncode == 0, out.stderr[-3000:]
-    args, rows = metrics_of(tmp_path, script, task)
+    args, rows = train(script, tmp_path, task, "--num-iterations", "2", "--eval-every", "1", "--batch-size", "8",
+                       "--minibatch-size", "4", "--num-eval-prompts", "8", "--save-model")
     assert args["task"] == task and args["num_minibatches"] == 2
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert all({"iteration", "samples", "time_s"} | EVAL_KEYS <= set(r) for r in rows)
@@ -98,10 +103,8 @@ def test_script_runs_end_to_end(script, task, tmp_path):
 def test_script_runs_on_a_local_model_and_prompts(script, local_pythia, tmp_path, monkeypatch):
     model_dir, prompts, cache = local_pythia
     monkeypatch.setenv("CLEANPREF_CACHE", str(cache))
-    out = run(script, tmp_path, "--task", "skew_length", "--model", str(model_dir), "--prompts", str(prompts), "--num-iterations", "2",
-              "--batch-size", "8", "--minibatch-size", "4", "--num-eval-prompts", "4", "--save-model")
-    assert out.returncode == 0, out.stderr[-3000:]
-    args, rows = metrics_of(tmp_path, script, "skew_length")
+    args, rows = train(script, tmp_path, "skew_length", "--model", str(model_dir), "--prompts", str(prompts), "--num-iterations", "2",
+                       "--batch-size", "8", "--minibatch-size", "4", "--num-eval-prompts", "4", "--save-model")
     assert args["model"] == str(model_dir) and [r["iteration"] for r in rows] == [0, 1, 2]
     assert all(math.isfinite(v) for r in rows for v in r.values()) and rows[0]["eval/kl_ref"] == pytest.approx(0.0, abs=1e-3)
     saved = next((tmp_path / "runs").iterdir()) / "model"
@@ -132,9 +135,7 @@ def test_sft_and_reward_model_scripts_train_a_local_model(local_pythia, tmp_path
 
 
 def test_online_dpo_learns_skew_length(tmp_path):
-    out = run("online_dpo", tmp_path, "--task", "skew_length", "--num-iterations", "20")
-    assert out.returncode == 0, out.stderr[-3000:]
-    _, rows = metrics_of(tmp_path, "online_dpo", "skew_length")
+    _, rows = train("online_dpo", tmp_path, "skew_length", "--num-iterations", "20")
     evals = [r for r in rows if "eval/gold_reward" in r]
     # measured: -30.3 at iteration 0, about -0.4 after 20 iterations; a broken loss stays near -30 or gets longer
     assert evals[0]["eval/gold_reward"] < -25 and evals[-1]["eval/gold_reward"] > -8
@@ -142,9 +143,7 @@ def test_online_dpo_learns_skew_length(tmp_path):
 
 
 def test_dpo_learns_bandit_r2(tmp_path):
-    out = run("dpo", tmp_path, "--task", "bandit_r2", "--num-iterations", "30")
-    assert out.returncode == 0, out.stderr[-3000:]
-    _, rows = metrics_of(tmp_path, "dpo", "bandit_r2")
+    _, rows = train("dpo", tmp_path, "bandit_r2", "--num-iterations", "30")
     evals = [r for r in rows if "eval/gold_reward" in r]
     # measured: 0.36 at iteration 0, about 0.85 after 30 iterations
     assert evals[-1]["eval/gold_reward"] > evals[0]["eval/gold_reward"] + 0.3
@@ -155,10 +154,9 @@ def test_same_seed_same_metrics(tmp_path):
     runs = []
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()
-        out = run("online_dpo", tmp_path / sub, "--task", "min_length", "--num-iterations", "3", "--eval-every", "1",
-                  "--batch-size", "16", "--minibatch-size", "8", "--num-eval-prompts", "16")
-        assert out.returncode == 0, out.stderr[-3000:]
-        runs.append([{k: v for k, v in r.items() if k != "time_s"} for r in metrics_of(tmp_path / sub, "online_dpo", "min_length")[1]])
+        _, rows = train("online_dpo", tmp_path / sub, "min_length", "--num-iterations", "3", "--eval-every", "1",
+                        "--batch-size", "16", "--minibatch-size", "8", "--num-eval-prompts", "16")
+        runs.append([{k: v for k, v in r.items() if k != "time_s"} for r in rows])
     assert runs[0] == runs[1]
 
 
@@ -200,9 +198,7 @@ def test_a_killed_run_keeps_its_metrics_and_latest_checkpoint(tmp_path):
 
 def test_all_tied_batch_is_a_logged_skip(tmp_path):
     # with an impossible gap threshold every pair is dropped: the iteration is logged and skipped, no NaN
-    out = run("online_dpo", tmp_path, "--task", "bandit_r1", "--num-iterations", "2", "--batch-size", "8", "--minibatch-size", "4",
-              "--reward-gap-threshold", "1e9", "--num-eval-prompts", "8")
-    assert out.returncode == 0, out.stderr[-3000:]
-    _, rows = metrics_of(tmp_path, "online_dpo", "bandit_r1")
+    _, rows = train("online_dpo", tmp_path, "bandit_r1", "--num-iterations", "2", "--batch-size", "8", "--minibatch-size", "4",
+                    "--reward-gap-threshold", "1e9", "--num-eval-prompts", "8")
     assert [r["train/pairs_kept"] for r in rows[1:3]] == [0.0, 0.0]
     assert EVAL_KEYS <= set(rows[2])  # a skipped last iteration is still evaluated: the run's result is never lost
