@@ -1,4 +1,8 @@
+import importlib.util
 import json
+import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +14,52 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)
 
 PAD, EOS = 0, 1
+TASKS = ["bandit_r1", "bandit_r2", "min_length", "mode_length", "skew_length"]
+SMOKE_TASKS = ["bandit_r1", "min_length"]  # every script runs on these; one script per family runs on all TASKS
+EVAL_KEYS = {"eval/gold_reward", "eval/proxy_reward", "eval/response_length", "eval/eos_rate", "eval/kl_ref"}
+
+
+def load_script(name):
+    """Import algos/{name}.py as a module (importing has no side effects: main() runs only as a script)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "algos" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(script, cwd, *args):
+    """Run algos/{script}.py in `cwd` with one torch thread; the CompletedProcess (stdout, stderr as text)."""
+    return subprocess.run([sys.executable, str(ROOT / "algos" / f"{script}.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def metrics_of(cwd, script, task):
+    """(args.json, metrics rows) of the one run of `script` on `task` under cwd/runs."""
+    (run_dir,) = [d for d in (cwd / "runs").iterdir() if d.name.startswith(f"{task}__{script}__")]
+    return json.loads((run_dir / "args.json").read_text()), [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+
+
+def train(script, cwd, task, *args):
+    """Run `script` on `task` to completion; its (args.json, metrics rows)."""
+    out = run(script, cwd, "--task", task, *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return metrics_of(cwd, script, task)
+
+
+def smoke(script, task, cwd, train_keys, *args):
+    """A tiny end-to-end run (2 iterations of B=8, M=4, evaluated at each) that checks the metrics contract
+    every script keeps: the shared eval keys at every row, `train_keys` after training, finite numbers,
+    samples counted, KL 0 at the start (the policy is pi_ref), a checkpoint saved. Returns (args, rows)."""
+    args, rows = train(script, cwd, task, "--num-iterations", "2", "--eval-every", "1", "--batch-size", "8",
+                       "--minibatch-size", "4", "--num-eval-prompts", "8", "--save-model", *args)
+    assert args["task"] == task and args["num_minibatches"] == 2
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert all({"iteration", "samples", "time_s"} | EVAL_KEYS <= set(r) for r in rows)
+    assert {"train/loss", "train/grad_norm"} | set(train_keys) <= set(rows[-1]), sorted(rows[-1])
+    assert rows[-1]["samples"] == 16 and all(math.isfinite(v) for r in rows for v in r.values())
+    assert rows[0]["eval/kl_ref"] == pytest.approx(0.0, abs=1e-4)  # the policy starts at pi_ref
+    assert (next((cwd / "runs").iterdir()) / "model" / "config.json").exists()
+    return args, rows
 
 
 def tiny_llama(vocab=40, hidden=32, layers=2, seed=0, **overrides):
