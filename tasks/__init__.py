@@ -7,6 +7,8 @@
                                                 #   prompt_ids, chosen_ids, rejected_ids, chosen_score, rejected_score (gold)
     task.proxy_reward(queries, responses)       # [B] what methods optimise (a learned reward model, or the true reward)
     task.gold_reward(queries, responses)        # [B] evaluation only
+    task.reward_model_path                      # the proxy reward model's directory (a sequence classifier), or None
+                                                #   where the proxy is the true reward (bandit); e.g. to initialise a critic
     task.pad_token_id, task.eos_token_id, task.max_new_tokens, task.temperature, task.tokenizer, task.info
 
 queries are left-padded [B, Lq], responses right-padded [B, Lr] (pad after EOS), both on `device`.
@@ -45,6 +47,7 @@ class Task:
     proxy_reward: Callable
     gold_reward: Callable
     device: torch.device = torch.device("cpu")
+    reward_model_path: Optional[str] = None  # Hugging Face directory of the proxy reward model, if it is a learned one
     info: dict = field(default_factory=dict)
 
     def load_policy(self):

@@ -210,5 +210,4 @@ def make(name, device, model=None, prompts=None):
     return Task(name=name, tokenizer=tokenizer, policy_path=str(world / "policy"), pad_token_id=pad, eos_token_id=eos,
                 max_new_tokens=r["max_new_tokens"], temperature=1.0, train_prompts=data["train_prompts"], eval_prompts=data["eval_prompts"],
                 preference_data=datasets.Dataset.from_list([json.loads(line) for line in open(task_dir / "preference_data.jsonl")]),
-                proxy_reward=proxy_reward,
-                gold_reward=gold, device=device, info={**summary_of(world), **summary_of(task_dir)})
+                proxy_reward=proxy_reward, gold_reward=gold, device=device, reward_model_path=str(task_dir / "reward_model"), info={**summary_of(world), **summary_of(task_dir)})

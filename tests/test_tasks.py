@@ -97,6 +97,21 @@ def test_skew_data_is_shorter_and_proxy_models_beat_chance(length_tasks):
         assert all(c > r for c, r in zip(d["chosen_score"], d["rejected_score"]))  # ordered, ties dropped
 
 
+def test_reward_model_path_holds_the_proxy_reward_model(length_tasks, bandit):
+    from transformers import AutoModelForSequenceClassification
+
+    from algos.reward_model import reward_scores
+
+    t = length_tasks["skew_length"]
+    d = t.preference_data[:6]
+    q = pad_rows(d["prompt_ids"], t.pad_token_id, left=True)
+    y = pad_rows(d["chosen_ids"], t.pad_token_id, left=False)
+    rm = AutoModelForSequenceClassification.from_pretrained(t.reward_model_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reward_scores(rm, q, y, t.pad_token_id), t.proxy_reward(q, y))
+    assert bandit.reward_model_path is None  # the bandit's proxy is the true reward: no model
+
+
 def test_cache_loads_without_rebuilding_and_rebuilds_when_damaged(bandit, monkeypatch, tmp_path):
     monkeypatch.setenv("CLEANPREF_CACHE", str(tmp_path))
     calls = []
