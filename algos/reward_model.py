@@ -118,9 +118,7 @@ def reward_model_train(reward_model, pairs, pad_token_id, learning_rate, num_epo
 
 
 def main(args: Args):
-    from tqdm.auto import tqdm
-
-    from tasks import load_reward_model, load_rows
+    from tasks import load_reward_model, load_rows, step_bar
 
     if not args.model or not args.dataset:
         raise SystemExit("reward_model.py: pass --model (local directory or hub id) and --dataset (file, directory or hub id)")
@@ -141,15 +139,8 @@ def main(args: Args):
     out = Path(args.output_dir or f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
-    bar = tqdm(total=args.num_epochs * math.ceil(len(train_pairs) / args.minibatch_size), desc="reward model")
-
-    def progress(step, total, loss):
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
-
     history = reward_model_train(reward_model, train_pairs, tokenizer.pad_token_id, args.learning_rate, args.num_epochs,
-                                 args.minibatch_size, args.seed, progress)
-    bar.close()
+                                 args.minibatch_size, args.seed, step_bar("reward model"))
     accuracy = pairwise_accuracy(reward_model, eval_pairs, tokenizer.pad_token_id) if eval_pairs else float("nan")
     reward_model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
