@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import disable_dropout, pad_rows  # noqa: E402
+from common import disable_dropout, pad_rows, unpadded_groups  # noqa: E402
 
 
 @dataclass
@@ -61,12 +61,16 @@ class Args:
 
 
 def reward_scores(reward_model, queries, responses, pad_token_id):
-    """r_phi(x, y) for left-padded queries [B, Lq] and right-padded responses [B, Lr] -> [B] fp32."""
-    ids = torch.cat([queries, responses], dim=1)
-    attn = (ids != pad_token_id).long()
-    position_ids = (attn.cumsum(1) - 1).clamp(min=0)
-    # the classifier reads its score at the last non-pad token: the response's EOS (or last token)
-    return reward_model(input_ids=ids, attention_mask=attn, position_ids=position_ids).logits[:, 0].float()
+    """r_phi(x, y) for left-padded queries [B, Lq] and right-padded responses [B, Lr] -> [B] fp32.
+
+    The classifier reads its score at the last non-pad token: the response's EOS (or its last token). No
+    compute on padding: the forward runs on `common.unpadded_groups`, rows cut to their real tokens and
+    grouped by length; equal to the padded batch's scores to float rounding (tests/test_common.py)."""
+    scores, order = [], []
+    for group, rows, kwargs, _, _ in unpadded_groups(queries, responses, responses != pad_token_id, pad_token_id):
+        scores.append(reward_model(input_ids=rows, **kwargs).logits[:, 0].float())
+        order.append(group)
+    return torch.cat(scores)[torch.cat(order).argsort()]
 
 
 def _pair_scores(reward_model, pairs, pad_token_id, device):
