@@ -49,7 +49,7 @@ ACTS = "sees finds helps follows meets chases greets watches visits calls".split
 MOVES = "sleeps runs sings jumps waits hides eats swims laughs rests".split()
 ADJS = "little old happy sleepy brave quiet clever tiny".split()
 SENTENCE_COUNTS = [0.06, 0.16, 0.22, 0.18, 0.13, 0.09, 0.06, 0.045, 0.03, 0.025]  # P(n = 1..10): mode 3, long tail
-RECIPE = dict(version=2, seed=0, sft_examples=5500, train_prompts=2000, eval_prompts=256, vocab=512, hidden=128, layers=2,
+RECIPE = dict(version=3, seed=0, sft_examples=5500, train_prompts=2000, eval_prompts=256, vocab=512, hidden=128, layers=2,
               heads=4, sample_batch=512, sft_epochs=1, sft_lr=3e-3, sft_minibatch=32, max_new_tokens=64, rm_lr=1e-3, rm_epochs=3,
               rm_minibatch=64, rm_eval_fraction=0.1, skew_max_fraction=0.5)
 REAL_MODEL = dict(max_new_tokens=256, sample_batch=64, rm_lr=1e-5, rm_epochs=1, rm_minibatch=16)
