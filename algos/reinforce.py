@@ -194,6 +194,7 @@ def main(args: Args):
     # ALGO LOGIC: the train prompts; completions come from the current policy
     data = task.train_prompts
     sampler, prompt_sampler = torch.Generator(device).manual_seed(args.seed), torch.Generator().manual_seed(args.seed)
+    moving_average = None
 
     log(0, {})
     for iteration in range(1, args.num_iterations + 1):
@@ -213,7 +214,7 @@ def main(args: Args):
             if args.baseline == "rloo":
                 advantages = rloo_advantages(rewards)
             else:
-                moving_average = rewards.mean() if iteration == 1 else moving_average
+                moving_average = rewards.mean() if moving_average is None else moving_average
                 advantages, moving_average = rewards - moving_average, 0.9 * moving_average + 0.1 * rewards.mean()
             advantages = advantages.flatten().clamp(-10.0, 10.0)  # [B]
         samples_seen += args.batch_size
@@ -228,7 +229,7 @@ def main(args: Args):
         for epoch in range(args.update_epochs):
             perm = torch.randperm(args.batch_size)
             for mb in perm.chunk(args.num_minibatches):
-                policy_logps = response_logprobs(policy, queries[mb], responses[mb], task.pad_token_id, task.eos_token_id, task.temperature)[0]
+                policy_logps, mask = response_logprobs(policy, queries[mb], responses[mb], task.pad_token_id, task.eos_token_id, task.temperature)
                 losses = reinforce_loss(policy_logps.sum(1), advantages[mb])
                 loss = losses.mean()
                 optimizer.zero_grad(set_to_none=True)
