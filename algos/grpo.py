@@ -103,10 +103,10 @@ class Args:
 # tuned on each embedded task (README, "Tuned defaults"); a value given on the command line wins
 TASK_DEFAULTS = {
     "bandit_r1": dict(num_iterations=100, learning_rate=1e-3),
-    "bandit_r2": dict(num_iterations=100, learning_rate=1e-3),
+    "bandit_r2": dict(num_iterations=100, learning_rate=3e-3),
     "min_length": dict(num_iterations=60, learning_rate=1e-4),
     "mode_length": dict(num_iterations=60, learning_rate=1e-4),
-    "skew_length": dict(num_iterations=60, learning_rate=1e-4),
+    "skew_length": dict(num_iterations=60, learning_rate=3e-5),
 }
 
 
