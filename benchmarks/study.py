@@ -48,7 +48,7 @@ BEST = {t: 1.0 if t in BANDITS else 0.0 for t in TASKS}  # the highest gold rewa
 LR_GRID = {t: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2] if t in BANDITS else [1e-5, 3e-5, 1e-4, 3e-4, 1e-3] for t in TASKS}
 OBJECTIVES = ["pref_ft", "dpo", "ipo", "hypo", "best_of_n", "best_of_n_neg", "rwr", "online_dpo", "online_ipo",
               "reinforce", "ppo", "grpo"]
-VARIANTS = {"best_of_n": [("offline",)]}  # script options that are methods of their own, tuned on their own
+VARIANTS = {"best_of_n": [("offline",)], "rwr": [("offline",)]}  # options that are methods of their own, tuned on their own
 
 
 @dataclass
@@ -704,15 +704,18 @@ def run_tune(args: Args, out: Path):
     launcher.launch(list(runs.values()))
     for s, v in variants:
         module = load_defaults(s)
-        defaults = getattr(module, "OFFLINE_TASK_DEFAULTS" if "offline" in v else "TASK_DEFAULTS")
+        if "offline" in v:  # offline variants keep their own learning rates
+            current_lr = module.OFFLINE_LEARNING_RATES.get
+        else:
+            current_lr = lambda t: module.TASK_DEFAULTS.get(t, {}).get("learning_rate")  # noqa: E731
         print(f"\n{s} {' '.join('--' + f for f in v)}: score = mean of the last two eval/gold_reward (seed 1)")
-        print("| task | " + " | ".join("lr" for _ in range(5)) + " | best | in TASK_DEFAULTS |")
+        print("| task | " + " | ".join("lr" for _ in range(5)) + " | best | in the script |")
         chosen = {}
         for t in args.tune_tasks:
             scores = {lr: (final(read_rows(out / runs[(s, v, t, lr)].key)) if launcher.done(runs[(s, v, t, lr)]) else float("nan"))
                       for lr in LR_GRID[t]}
             chosen[t] = best = pick_lr(scores)
-            current = defaults.get(t, {}).get("learning_rate")
+            current = current_lr(t)
             print(f"| {t} | " + " | ".join(f"{lr:g}: {sc:.3g}" for lr, sc in scores.items()) +
                   f" | {best} | {current}{'' if current == best else '  <- differs'} |")
         print("learning rates by task: " + ", ".join(f'"{t}": {lr:g}' for t, lr in chosen.items()))
