@@ -13,6 +13,11 @@
 
 queries are left-padded [B, Lq], responses right-padded [B, Lr] (pad after EOS), both on `device`.
 Artifacts live under $CLEANPREF_CACHE (default ~/.cache/cleanpref), one directory per recipe hash.
+
+Real data (tasks/real.py): the named tasks `ultrafeedback` and `alpaca_farm` are a --model policy with a hub (or local)
+preference dataset and external reward models; on the length tasks, `dataset=` replaces the preference pairs and the
+train prompts, `reward_model=` the proxy reward, `gold_reward_model=` the gold one (tasks/preferences.py,
+tasks/reward_models.py). The embedded tasks' builds and cache keys do not depend on these.
 """
 
 import hashlib
@@ -29,7 +34,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 hf_logging.disable_progress_bar()  # "Loading weights" bars on every from_pretrained would bury the logs
-TaskName = Literal["bandit_r1", "bandit_r2", "min_length", "mode_length", "skew_length"]
+TaskName = Literal["bandit_r1", "bandit_r2", "min_length", "mode_length", "skew_length", "ultrafeedback", "alpaca_farm"]
 
 
 @dataclass
@@ -51,29 +56,46 @@ class Task:
     info: dict = field(default_factory=dict)
 
     def load_policy(self):
-        """A fresh copy of pi_ref on the task's device, dropout off, in eval mode."""
+        """A fresh copy of pi_ref on the task's device, fp32, dropout off, in eval mode; its embeddings grown to cover the
+        tokenizer's pad token where the checkpoint lacks that row (a real task's --model without a pad token)."""
         from transformers import AutoModelForCausalLM
 
         from common import disable_dropout
 
-        model = AutoModelForCausalLM.from_pretrained(self.policy_path).to(self.device)
-        return disable_dropout(model).eval()
+        model = AutoModelForCausalLM.from_pretrained(self.policy_path, dtype=torch.float32)
+        if len(self.tokenizer) > model.get_input_embeddings().num_embeddings:  # grow only, as _with_pad_token does
+            model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        model.config.pad_token_id = self.pad_token_id
+        return disable_dropout(model.to(self.device)).eval()
 
     def decode(self, ids):
         return self.tokenizer.decode([i for i in ids if i != self.pad_token_id], skip_special_tokens=True)
 
 
-def make_task(name: str, device="cpu", model: Optional[str] = None, prompts: Optional[str] = None) -> Task:
+def make_task(name: str, device="cpu", model: Optional[str] = None, prompts: Optional[str] = None, dataset: Optional[str] = None,
+              reward_model: Optional[str] = None, gold_reward_model: Optional[str] = None, max_prompt_length: Optional[int] = None,
+              max_length: Optional[int] = None) -> Task:
     """Build (or load from cache) task `name`. model: replace the embedded pi_ref with a Hugging Face
     causal LM (local directory or hub id; length tasks); prompts: a dataset of prompts to use instead
-    of the embedded ones (a `prompt` column, or AlpacaFarm's `instruction` [+ `input`])."""
+    of the embedded ones (a `prompt` column, or AlpacaFarm's `instruction` [+ `input`]).
+    dataset: preference pairs replacing the task's (and its prompts the train prompts); reward_model / gold_reward_model:
+    Hugging Face sequence classifiers replacing the proxy / gold reward; max_prompt_length / max_length: truncation of the
+    dataset's rows (tasks/preferences.py). The real tasks (ultrafeedback, alpaca_farm) need model and reward_model."""
     import importlib
 
+    from tasks import real
+
     modules = {"bandit_r1": "bandit", "bandit_r2": "bandit", "min_length": "length", "mode_length": "length",
-               "skew_length": "length"}
+               "skew_length": "length", "ultrafeedback": "real", "alpaca_farm": "real"}
     if name not in modules:
         raise SystemExit(f"unknown task {name!r}: choose one of {', '.join(modules)}")
-    return importlib.import_module(f"tasks.{modules[name]}").make(name, torch.device(device), model, prompts)
+    real_data = dict(dataset=dataset, reward_model=reward_model, gold_reward_model=gold_reward_model,
+                     max_prompt_length=max_prompt_length, max_length=max_length)
+    if modules[name] == "real":
+        return real.make(name, torch.device(device), model, prompts, **real_data)
+    real.check_overrides(name, **real_data)  # one-line errors before the embedded task builds
+    task = importlib.import_module(f"tasks.{modules[name]}").make(name, torch.device(device), model, prompts)
+    return real.override(task, **real_data)
 
 
 def cache_root() -> Path:
@@ -176,12 +198,18 @@ def _hub_error(path_or_id, what, err):
                       f"reachable ({type(err).__name__}); download it where there is network and pass the local path")
 
 
-def _with_pad_token(model, tokenizer):
-    """Give the tokenizer a dedicated pad token (distinct from EOS), growing the embeddings if needed."""
+def _with_pad_token_id(tokenizer):
+    """Give a policy's tokenizer a dedicated pad token (distinct from EOS): "[PAD]", added where it has none."""
     if tokenizer.eos_token_id is None:
         raise SystemExit("the tokenizer has no EOS token: responses could never end; set tokenizer.eos_token")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    return tokenizer
+
+
+def _with_pad_token(model, tokenizer):
+    """Give the tokenizer a dedicated pad token (distinct from EOS), growing the embeddings if needed."""
+    tokenizer = _with_pad_token_id(tokenizer)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # grow only: Pythia pads its matrix to 50304 rows
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the pad row is never attended nor sampled
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -224,31 +252,64 @@ def load_reward_model(path_or_id: str, device="cpu"):
         hf_logging.set_verbosity(verbosity)
 
 
-def load_rows(path_or_id: str, split: str, columns: list) -> list:
-    """Rows (dicts) of a local .json/.jsonl file, a `save_to_disk` directory, or a hub dataset, written
-    `id`, `id:config` or `id:config@split` (e.g. tatsu-lab/alpaca_farm:alpaca_instructions@unlabeled);
-    `@split` overrides `split`."""
+def parse_dataset_spec(path_or_id: str):
+    """(local path or hub id, config or None, split or None) of a dataset written `path`, `id`, `id:config` or
+    `id:config@split` (a local path is taken whole when it exists)."""
+    if Path(path_or_id).expanduser().exists():
+        return path_or_id, None, None
+    path_or_id, _, split = path_or_id.partition("@")
+    path_or_id, _, config = path_or_id.partition(":")
+    return path_or_id, config or None, split or None
+
+
+def _open_dataset(path_or_id: str, split: Optional[str]):
+    """A Dataset (a file, a saved Dataset, or the hub with `split`) or a DatasetDict (a saved one; the hub without split)."""
     import datasets
 
-    config = None
-    if not Path(path_or_id).expanduser().exists():
-        path_or_id, _, at_split = path_or_id.partition("@")
-        path_or_id, _, config = path_or_id.partition(":")
-        split, config = at_split or split, config or None
+    path_or_id, config, _ = parse_dataset_spec(path_or_id)
     src = _resolve(path_or_id, "dataset")
     try:
         if src.endswith((".json", ".jsonl")):
-            ds = datasets.load_dataset("json", data_files=src, split="train")
-        elif any(Path(src, f).exists() for f in ("state.json", "dataset_dict.json")):  # save_to_disk output
-            ds = datasets.load_from_disk(src)
-        else:
-            ds = datasets.load_dataset(src, config, split=split)
+            return datasets.load_dataset("json", data_files=src, split="train")
+        if any(Path(src, f).exists() for f in ("state.json", "dataset_dict.json")):  # save_to_disk output
+            return datasets.load_from_disk(src)
+        return datasets.load_dataset(src, config, split=split)
     except (OSError, ConnectionError, ValueError) as err:
         raise _hub_error(path_or_id, "dataset", err) from None
+
+
+def dataset_splits(path_or_id: str) -> list:
+    """The split names of a dataset spec: a file or a saved Dataset has one, `train`."""
+    import datasets
+
+    src, config, _ = parse_dataset_spec(path_or_id)
+    if Path(src).expanduser().exists():
+        ds = _open_dataset(src, None)
+        return list(ds) if isinstance(ds, datasets.DatasetDict) else ["train"]
+    try:
+        return datasets.get_dataset_split_names(_resolve(src, "dataset"), config)
+    except (OSError, ConnectionError, ValueError) as err:
+        raise _hub_error(src, "dataset", err) from None
+
+
+def load_split(path_or_id: str, split: str):
+    """One split (a datasets.Dataset) of a local .json/.jsonl file, a `save_to_disk` directory, or a hub dataset,
+    written `id`, `id:config` or `id:config@split` (e.g. tatsu-lab/alpaca_farm:alpaca_instructions@unlabeled);
+    `@split` overrides `split`."""
+    import datasets
+
+    split = parse_dataset_spec(path_or_id)[2] or split
+    ds = _open_dataset(path_or_id, split)
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise SystemExit(f"dataset {path_or_id!r} has no split {split!r}: choose one of {', '.join(ds)}")
         ds = ds[split]
+    return ds
+
+
+def load_rows(path_or_id: str, split: str, columns: list) -> list:
+    """Rows (dicts) of one split of a dataset (see `load_split`), after checking it has `columns`."""
+    ds = load_split(path_or_id, split)
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise SystemExit(f"dataset {path_or_id!r} lacks columns {missing}; it has {ds.column_names}")
