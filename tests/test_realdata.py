@@ -176,3 +176,112 @@ def test_truncation_ties_and_drops_are_counted():
     texts = rows({"prompt": "name a fruit", "chosen": "apple", "rejected": "stone"})  # text rows: prompt verbatim, EOS appended
     out, _ = tokenize_pairs(texts, "hand", tok, chat=False)
     assert out[0]["prompt_ids"] == ids(["name", "a", "fruit"]) and out[0]["chosen_ids"] == ids(["apple", "</s>"])
+
+
+def test_study_alpaca_farm_rows_split_at_the_prompt_and_drop_ties(fixtures):
+    from tasks import make_task
+
+    t = make_task("alpaca_farm", model=str(fixtures / "pythia"), reward_model=str(fixtures / "other_rm"),
+                  dataset=str(fixtures / "study.jsonl"))
+    rows = [json.loads(line) for line in open(fixtures / "study.jsonl")]
+    # 30 rows, every sixth a tie (5); no eval split in a file: the first fifth of the 30 distinct prompts (6) evaluate
+    assert (t.info["dataset_rows"], t.info["dropped_ties"], len(t.eval_prompts), len(t.train_prompts)) == (30, 5, 6, 24)
+    assert t.pad_token_id == len(t.tokenizer) - 1 != t.eos_token_id  # Pythia has no pad token: "[PAD]" added
+    tok = t.tokenizer
+    first = rows[6]  # the first row whose prompt trains (rows 0-5 hold the eval prompts)
+    assert t.train_prompts[0] == tok(first["prompt"])["input_ids"]  # the Pythia-SFT prompt, verbatim
+    pair = t.preference_data[0]
+    response = first["y_w"][len(first["prompt"]):]  # "... words<|endoftext|>": the response and its EOS
+    assert pair["prompt_ids"] == t.train_prompts[0] and pair["chosen_ids"] == tok(response, add_special_tokens=False)["input_ids"]
+    assert pair["chosen_ids"][-1] == t.eos_token_id and len(t.preference_data) == 30 - 5 - 5  # ties, then the eval prompts' pairs
+    assert t.info["reward_model"].endswith("(text pair)") and t.gold_reward is t.proxy_reward
+
+
+def test_retokenised_reward_equals_the_model_on_the_same_texts(fixtures, monkeypatch):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import tasks.reward_models as rm
+    from common import pad_rows
+
+    tok = AutoTokenizer.from_pretrained(fixtures / "chat_lm")
+    ids = tok.convert_tokens_to_ids
+    chats = [[{"role": "user", "content": "name a fruit"}], [{"role": "user", "content": "why is the sky blue"}]]
+    prompts = [tok(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+               for m in chats]
+    sources = {tuple(p): m for p, m in zip(prompts, chats)}
+    queries = prompts + [ids(["<|user|>", "why", "</s>", "<|assistant|>"])]  # not registered: decoded, specials skipped -> "why"
+    responses = [ids(["apple", "</s>"]), ids(["it", "is", "water", "very", "a", "cold", "day"])[:5], ids(["yes", "</s>", "<pad>"])[:2]]
+    q, r = pad_rows(queries, tok.pad_token_id, left=True), pad_rows(responses, tok.pad_token_id, left=False)
+    monkeypatch.setattr(rm, "RM_BATCH", 2)  # two forwards, the second a smaller batch
+    reward = rm.ExternalReward(str(fixtures / "other_rm"), tok, "cpu", sources)
+    assert reward.mode == "text pair"
+    bert_tok = AutoTokenizer.from_pretrained(fixtures / "other_rm")
+    bert = AutoModelForSequenceClassification.from_pretrained(fixtures / "other_rm").eval()
+    texts = [("name a fruit", "apple"), ("why is the sky blue", "it is water very a"), ("why", "yes")]
+    assert reward.texts(q, r)[1] == [y for _, y in texts]
+    with torch.no_grad():  # each text pair alone, as a user of the reward model would score it
+        direct = torch.stack([bert(**bert_tok(x, y, return_tensors="pt")).logits[0, 0] for x, y in texts])
+    torch.testing.assert_close(reward(q, r), direct, atol=1e-5, rtol=1e-5)
+
+    # the same tokenizer: ids pass straight through, and score what decoding and re-rendering the chat would score
+    same = rm.ExternalReward(str(fixtures / "same_rm"), tok, "cpu", sources)
+    retok = rm.ExternalReward(str(fixtures / "same_rm"), tok, "cpu", sources, pass_through=False)
+    assert (same.mode, retok.mode) == ("pass-through", "chat template")
+    finished = [0, 2]  # the chat template closes every turn with EOS: only finished responses read the same
+    torch.testing.assert_close(same(q, r)[finished], retok(q, r)[finished], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(same(q, r), reward(q, r))
+
+
+def test_one_line_errors_before_any_model_loads(fixtures, tmp_path):
+    from tasks import make_task
+
+    (tmp_path / "no_rejected.jsonl").write_text('{"prompt": "why", "chosen": "yes"}\n')
+    cases = [(dict(name="ultrafeedback"), "--task ultrafeedback needs --model"),
+             (dict(name="alpaca_farm", model=str(fixtures / "pythia")), "--task alpaca_farm needs --reward-model"),
+             (dict(name="ultrafeedback", model=str(fixtures / "chat_lm"), reward_model=str(fixtures / "multi_rm")),
+              "has 2 outputs \\(num_labels\\): a reward model must have exactly one"),
+             (dict(name="ultrafeedback", model=str(fixtures / "chat_lm"), reward_model="nobody/no-such-rm-cleanpref"),
+              "hub is not reachable"),
+             (dict(name="ultrafeedback", model=str(fixtures / "chat_lm"), reward_model=str(fixtures / "other_rm"),
+                   dataset="nobody/no-such-data-cleanpref"), "hub is not reachable"),
+             (dict(name="ultrafeedback", model=str(fixtures / "chat_lm"), reward_model=str(fixtures / "other_rm"),
+                   dataset=str(tmp_path / "no_rejected.jsonl")), "lacks columns \\['rejected'\\]"),
+             (dict(name="min_length", dataset=str(tmp_path / "no_rejected.jsonl")), "lacks columns \\['rejected'\\]"),
+             (dict(name="min_length", max_length=64), "pass --dataset too"),
+             (dict(name="bandit_r1", reward_model=str(fixtures / "other_rm")), "token bandit with its own true reward")]
+    for kwargs, message in cases:
+        with pytest.raises(SystemExit, match=message) as err:
+            make_task(**kwargs)
+        assert "\n" not in str(err.value)
+    out = run("dpo", tmp_path, "--task", "ultrafeedback", "--model", str(fixtures / "chat_lm"))
+    assert one_line_error(out) == "--task ultrafeedback has no tuned defaults: pass --num-iterations and --learning-rate"
+
+
+def test_dpo_trains_on_ultrafeedback_rows_through_dataset(fixtures, tmp_path):
+    out = run("dpo", tmp_path, "--task", "ultrafeedback", "--model", str(fixtures / "chat_lm"), "--dataset", str(fixtures / "uf"),
+              "--reward-model", str(fixtures / "other_rm"), "--gold-reward-model", str(fixtures / "same_rm"),
+              "--num-iterations", "12", "--eval-every", "6", "--learning-rate", "3e-3", "--batch-size", "8", "--minibatch-size", "4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    # 40 train_prefs rows, every fifth a tie; the 12 test_prefs prompts evaluate
+    assert "40 rows -> 32 pairs; dropped 8 ties" in out.stdout and "12 eval prompts (split test_prefs)" in out.stdout
+    _, rows = metrics_of(tmp_path, "dpo", "ultrafeedback")
+    assert [r["iteration"] for r in rows] == list(range(13)) and rows[-1]["samples"] == 96
+    assert all(EVAL_KEYS <= set(rows[i]) for i in (0, 6, 12)) and rows[0]["eval/kl_ref"] == pytest.approx(0.0, abs=1e-4)
+    # learning: three passes over the 32 pairs. Measured (seed 1): accuracy 0.42 over iterations 1-3 -> 1.00 over 10-12,
+    # loss 0.693 -> 0.504; the thresholds leave room for float differences across machines
+    acc, loss = ([r[k] for r in rows[1:]] for k in ("rewards/accuracies", "train/loss"))
+    assert sum(acc[:3]) / 3 < 0.7 and sum(acc[-3:]) / 3 > 0.9
+    assert sum(loss[-3:]) / 3 < sum(loss[:3]) / 3 - 0.1
+
+
+def test_online_dpo_trains_with_an_external_reward_model(fixtures, tmp_path):
+    out = run("online_dpo", tmp_path, "--task", "ultrafeedback", "--model", str(fixtures / "chat_lm"), "--dataset",
+              str(fixtures / "uf"), "--reward-model", str(fixtures / "other_rm"), "--num-iterations", "2", "--eval-every", "1",
+              "--learning-rate", "1e-3", "--batch-size", "8", "--minibatch-size", "4", "--max-prompt-length", "24",
+              "--max-length", "40")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "other_rm (text pair)" in out.stdout and "eval/gold_reward is the proxy's score" in out.stdout
+    _, rows = metrics_of(tmp_path, "online_dpo", "ultrafeedback")
+    assert [r["iteration"] for r in rows] == [0, 1, 2] and rows[-1]["samples"] == 16
+    assert all(r["eval/gold_reward"] == r["eval/proxy_reward"] for r in rows)  # no --gold-reward-model: the proxy judges
+    assert "objective/proxy_reward" in rows[-1] and all(abs(v) < 1e6 for v in rows[-1].values())
