@@ -43,11 +43,14 @@ class Args:
     model: str = ""
     """the model to start from (usually the SFT policy): a local directory or a hub id"""
     dataset: str = ""
-    """preference pairs (prompt, chosen, rejected columns): a .json/.jsonl file, a directory, or a hub id (`id[:config][@split]`)"""
+    """preference pairs: `prompt`, `chosen`, `rejected` (text or chat messages), AlpacaFarm's or the study's relabelled
+    schema (tasks/preferences.py; ties dropped); a .json/.jsonl file, a directory, or a hub id (`id[:config][@split]`)"""
     split: str = "train"
     """dataset split"""
+    max_prompt_length: int = 256
+    """a longer prompt keeps its last this many tokens"""
     max_length: int = 512
-    """prompt and responses are each truncated to this many tokens"""
+    """prompt + response tokens at most (a longer response is cut)"""
     learning_rate: float = 1e-5
     """AdamW learning rate (linear decay to 0)"""
     num_epochs: int = 1
@@ -122,7 +125,8 @@ def reward_model_train(reward_model, pairs, pad_token_id, learning_rate, num_epo
 
 
 def main(args: Args):
-    from tasks import load_reward_model, load_rows, step_bar
+    from tasks import load_reward_model, step_bar
+    from tasks.preferences import load_pairs
 
     if not args.model or not args.dataset:
         raise SystemExit("reward_model.py: pass --model (local directory or hub id) and --dataset (file, directory or hub id)")
@@ -130,13 +134,8 @@ def main(args: Args):
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     reward_model, tokenizer = load_reward_model(args.model, device)
-    rows = load_rows(args.dataset, args.split, ["prompt", "chosen", "rejected"])
-
-    def ids(text, room):
-        return tokenizer(text)["input_ids"][:room]
-
-    pairs = [(ids(r["prompt"], args.max_length), ids(r["chosen"], args.max_length - 1) + [tokenizer.eos_token_id],
-              ids(r["rejected"], args.max_length - 1) + [tokenizer.eos_token_id]) for r in rows]
+    data, _, _ = load_pairs(args.dataset, args.split, tokenizer, False, args.max_prompt_length, args.max_length)
+    pairs = list(zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"]))
     perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_eval = int(len(pairs) * args.eval_fraction)
     eval_pairs, train_pairs = [pairs[i] for i in perm[:n_eval]], [pairs[i] for i in perm[n_eval:]]

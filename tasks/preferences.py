@@ -8,7 +8,8 @@ Rows in any of these schemas (the first that fits the columns is used):
 - AlpacaFarm's pairwise preferences: `instruction`, `input`, `output_1`, `output_2`, `preference` (1 or 2; anything
   else is a tie). The prompt is the study's Pythia-SFT template (`tasks.prompt_text`).
 - The study's relabelled AlpacaFarm data (Asap7772/relabeled_alpacafarm_pythiasft_20K_preference_data*): `prompt`,
-  `y_w`, `y_l` (prompt + response text), `y_w_score`, `y_l_score`; the response is the text after the prompt.
+  `y_w`, `y_l` (prompt + response text), `y_w_score`, `y_l_score`; the response is the text after the prompt (where
+  y_w / y_l do not start with it verbatim: after their last `<|assistant|>`, as the study's code splits them).
 
 Rendering and tokenisation (`transformers`, as TRL's DPO does it):
 - A message-list prompt is rendered by the tokenizer's chat template with the generation prompt, and tokenised without
@@ -78,11 +79,12 @@ def pair_of(row: dict, schema: str):
             chosen, rejected = rejected, chosen
         elif row["preference"] != 1:
             return prompt, chosen, rejected, *score, "tie"
-    else:  # the study's relabelled data: y_w / y_l are the prompt followed by the response
-        prompt = row["prompt"]
-        if not (row["y_w"].startswith(prompt) and row["y_l"].startswith(prompt)):
+    else:  # the study's relabelled data: y_w / y_l are the prompt followed by the response (else: after the last assistant tag)
+        prompt, tag = row["prompt"], "<|assistant|>"
+        cut = [len(prompt) if y.startswith(prompt) else y.rindex(tag) + len(tag) if tag in y else None for y in (row["y_w"], row["y_l"])]
+        if None in cut:
             return None, "", "", *score, "malformed"
-        chosen, rejected = row["y_w"][len(prompt):], row["y_l"][len(prompt):]
+        chosen, rejected = row["y_w"][cut[0]:], row["y_l"][cut[1]:]
     return prompt, chosen, rejected, *score, "tie" if score[0] == score[1] else "ok"
 
 

@@ -51,14 +51,18 @@ def uf_row(rng, i, tie=False):
 
 @pytest.fixture(scope="session")
 def fixtures(tmp_path_factory):
-    """Directories and files as a user passes them: chat_lm, same_rm, other_rm, multi_rm (models), uf (a save_to_disk
-    DatasetDict with train_prefs / test_prefs: 40 + 12 rows, every fifth train row a tie), study (relabelled AlpacaFarm
-    .jsonl), pythia (a Pythia-style LM for it), texts (prompt/chosen/rejected text .jsonl)."""
+    return build_fixtures(tmp_path_factory.mktemp("realdata"))
+
+
+def build_fixtures(root):
+    """Write under `root` the directories and files a user would pass: chat_lm, same_rm, other_rm, multi_rm (models), uf
+    (a save_to_disk DatasetDict with train_prefs / test_prefs: 40 + 12 rows, every fifth train row a tie), study (the
+    relabelled AlpacaFarm .jsonl), pythia (a Pythia-style LM for it), texts (prompt/chosen/rejected text .jsonl)."""
     import datasets
     from transformers import (BertConfig, BertForSequenceClassification, BertTokenizerFast, GPTNeoXConfig, GPTNeoXForCausalLM,
                               LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification)
 
-    root, rng = tmp_path_factory.mktemp("realdata"), random.Random(0)
+    rng = random.Random(0)
     tokenizer = chat_tokenizer()
     torch.manual_seed(0)
     cfg = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -197,6 +201,19 @@ def test_study_alpaca_farm_rows_split_at_the_prompt_and_drop_ties(fixtures):
     assert t.info["reward_model"].endswith("(text pair)") and t.gold_reward is t.proxy_reward
 
 
+def test_study_rows_that_do_not_start_with_their_prompt_split_at_the_assistant_tag():
+    from tasks.preferences import tokenize_pairs
+
+    tok = chat_tokenizer()
+    row = {"prompt": "<|prompter|>name a fruit<|endoftext|><|assistant|>", "y_w": "<|prompter|>name a fruit <|endoftext|><|assistant|>apple",
+           "y_l": "stone", "y_w_score": 2.0, "y_l_score": 1.0}
+    out, counts = tokenize_pairs(rows(row), "hand", tok, chat=False)
+    ids = tok.convert_tokens_to_ids
+    assert out["status"] == ["malformed"] and counts["malformed"] == 1  # y_l has neither the prompt nor the tag
+    out, counts = tokenize_pairs(rows(row | {"y_l": "<|prompter|>x<|assistant|>stone"}), "hand", tok, chat=False)
+    assert out["status"] == ["ok"] and out[0]["chosen_ids"] == ids(["apple", "</s>"]) and out[0]["rejected_ids"] == ids(["stone", "</s>"])
+
+
 def test_retokenised_reward_equals_the_model_on_the_same_texts(fixtures, monkeypatch):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -285,3 +302,21 @@ def test_online_dpo_trains_with_an_external_reward_model(fixtures, tmp_path):
     assert [r["iteration"] for r in rows] == [0, 1, 2] and rows[-1]["samples"] == 16
     assert all(r["eval/gold_reward"] == r["eval/proxy_reward"] for r in rows)  # no --gold-reward-model: the proxy judges
     assert "objective/proxy_reward" in rows[-1] and all(abs(v) < 1e6 for v in rows[-1].values())
+
+
+def test_a_length_task_takes_a_dataset_and_an_external_reward_model(fixtures):
+    from common import pad_rows
+    from tasks import make_task
+
+    base = make_task("min_length")
+    t = make_task("min_length", dataset=str(fixtures / "texts.jsonl"), reward_model=str(fixtures / "other_rm"), max_length=12)
+    rows = [json.loads(line) for line in open(fixtures / "texts.jsonl")]
+    tok = t.tokenizer
+    assert t.eval_prompts == base.eval_prompts and t.max_new_tokens == base.max_new_tokens  # evaluation is the task's
+    assert t.train_prompts == list(map(list, dict.fromkeys(tuple(tok(r["prompt"])["input_ids"]) for r in rows)))
+    assert len(t.preference_data) + t.info["dropped_identical"] + t.info["dropped_prompt_too_long"] == 40  # text rows: no scores, no ties
+    assert all(len(p) + max(len(c), len(r)) <= 12 for p, c, r in zip(*(t.preference_data[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids"))))
+    assert t.info["reward_model"].endswith("(text pair)") and t.reward_model_path is None  # ppo's critic starts from pi_ref
+    q = pad_rows(t.eval_prompts[:2], t.pad_token_id, left=True)
+    y = pad_rows([[5, 6, t.eos_token_id], [5, 6, 7, 8]], t.pad_token_id, left=False)
+    assert t.gold_reward(q, y).tolist() == [-2.0, -4.0]  # still the task's gold: minus the tokens before EOS
