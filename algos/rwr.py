@@ -210,12 +210,12 @@ def main(args: Args):
     # ALGO LOGIC: the train prompts; completions come from the current policy
     data = task.train_prompts
     sampler, prompt_sampler = torch.Generator(device).manual_seed(args.seed), torch.Generator().manual_seed(args.seed)
-    if args.offline:  # the C completions of every train prompt, sampled once from the frozen pi_ref
+    if args.offline:  # the C completions of every train prompt, sampled once from the frozen pi_ref, B at a time
         pool = torch.full((len(data), args.num_completions, task.max_new_tokens), task.pad_token_id, device=device)
-        for s in range(0, len(data), args.batch_size):
-            queries = pad_rows(data[s : s + args.batch_size], task.pad_token_id, left=True, device=device).repeat_interleave(args.num_completions, 0)
+        for s in range(0, len(data), args.num_prompts):
+            queries = pad_rows(data[s : s + args.num_prompts], task.pad_token_id, left=True, device=device).repeat_interleave(args.num_completions, 0)
             responses, _ = generate(ref_policy, queries, task.pad_token_id, task.eos_token_id, task.max_new_tokens, task.temperature, sampler)
-            pool[s : s + args.batch_size, :, : responses.shape[1]] = responses.view(-1, args.num_completions, responses.shape[1])
+            pool[s : s + args.num_prompts, :, : responses.shape[1]] = responses.view(-1, args.num_completions, responses.shape[1])
 
     log(0, {})
     for iteration in range(1, args.num_iterations + 1):
