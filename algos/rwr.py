@@ -5,11 +5,10 @@
 Reward-weighted regression (Peters & Schaal 2007), the study's "no negative gradient" RWR
 (Tajwar et al. 2024, PAPER.md sections 2 and 4). Each
 iteration samples C completions for each of B / C prompts from pi_theta, ranks them with the task's
-proxy reward, drops prompts whose reward spread is <= a threshold, standardises the C rewards of
-each prompt (A: mean and std over its C, as the study's bandit code; raw rewards have task-dependent
-scales) and takes weighted token-mean maximum-likelihood steps on all C. No weight is negative.
+proxy reward, drops prompts whose reward spread is <= a threshold, standardises each prompt's C
+rewards (A, as the study's bandit code) and takes weighted token-mean likelihood steps on all C, w >= 0.
 Axes: on-policy sampling YES, sample reuse only with `--update-epochs` T > 1, negative gradient NO.
-`--offline` is offline RWR (as in best_of_n.py): the C completions of every train prompt are sampled
+`--offline`, the study's offline variant: the C completions of every train prompt are sampled
 once from the frozen pi_ref (with the run's seed) before training, and reused: on-policy sampling NO,
 sample reuse YES. Both modes draw B / C prompts per iteration and count their B completions in
 `samples` (offline: those from the one collection), so the two compare at equal budgets.
@@ -111,12 +110,12 @@ class Args:
 # tuned on each embedded task (README, "Tuned defaults"); a value given on the command line wins
 TASK_DEFAULTS = {
     "bandit_r1": dict(num_iterations=100, learning_rate=1e-3),
-    "bandit_r2": dict(num_iterations=100, learning_rate=1e-3),
+    "bandit_r2": dict(num_iterations=100, learning_rate=1e-2),
     "min_length": dict(num_iterations=60, learning_rate=1e-4),
-    "mode_length": dict(num_iterations=60, learning_rate=1e-4),
+    "mode_length": dict(num_iterations=60, learning_rate=1e-3),
     "skew_length": dict(num_iterations=60, learning_rate=1e-4),
 }
-OFFLINE_LEARNING_RATES = dict(bandit_r1=1e-3, bandit_r2=1e-3, min_length=1e-4, mode_length=1e-4, skew_length=1e-4)  # --offline, tuned alike
+OFFLINE_LEARNING_RATES = dict(bandit_r1=3e-4, bandit_r2=1e-4, min_length=1e-3, mode_length=3e-4, skew_length=1e-3)  # with --offline
 
 
 def rwr_loss(policy_logps, lengths, rewards, tau, max_weight):
@@ -238,7 +237,7 @@ def main(args: Args):
             rows = torch.arange(args.num_prompts, device=device)[keep]
             queries, completions, rewards = prompts[rows], responses[rows], scores[rows]  # [P, Lq], [P, C, L], [P, C]
             lengths = response_mask(completions.flatten(0, 1), task.pad_token_id, task.eos_token_id).sum(1).view(rewards.shape)
-            rewards = (rewards - rewards.mean(1, keepdim=True)) / rewards.std(1, correction=0, keepdim=True)  # A: per-prompt z-score
+            rewards = (rewards - rewards.mean(1, keepdim=True)) / rewards.std(1, correction=0, keepdim=True).clamp(min=1e-8)  # A: z-scores
         n_pairs = len(rows)
         samples_seen += args.batch_size
         if n_pairs == 0:  # every prompt's completions tied: nothing to learn from this batch

@@ -7,7 +7,7 @@ import torch
 from conftest import EOS, PAD, SMOKE_TASKS, TASKS, load_script, run, smoke, train
 
 BON_KEYS = ["logps/best", "logps/worst", "train/pairs_kept", "objective/proxy_reward"]
-KEYS = {"best_of_n": BON_KEYS, "best_of_n_neg": BON_KEYS + ["train/worst_floored"],
+KEYS = {"best_of_n": BON_KEYS, "best_of_n_neg": BON_KEYS,
         "rwr": BON_KEYS + ["train/weight_mean", "train/weight_max", "train/weight_clipped_frac"]}
 
 
@@ -138,6 +138,40 @@ def test_rwr_weights_follow_the_standardised_rewards(tmp_path):
     _, rows = train("rwr", tmp_path / "b", "bandit_r1", "--num-iterations", "2", "--batch-size", "16", "--minibatch-size", "8",
                     "--num-eval-prompts", "8")
     assert all(r["train/weight_max"] <= math.exp(math.sqrt(3)) + 1e-4 and r["train/weight_clipped_frac"] == 0 for r in rows[1:])
+
+
+def test_negative_gradient_beats_best_of_n_on_bandit_r1(tmp_path):
+    # claim 3, on-policy, same seeds and budget: 12 iterations at lr 3e-3 (both scripts' tuned bandit_r1 rate). Measured
+    # eval/gold_reward at iteration 12, seeds 1/2/3: best_of_n 0.770/0.748/0.693, best_of_n_neg 0.839/0.801/0.786 (both
+    # reach ~1.0 by iteration 30, so the gap is one of speed)
+    gold = {}
+    for script in ("best_of_n", "best_of_n_neg"):
+        for seed in ("1", "2", "3"):
+            (tmp_path / script / seed).mkdir(parents=True)
+            _, rows = train(script, tmp_path / script / seed, "bandit_r1", "--learning-rate", "3e-3", "--num-iterations", "12",
+                            "--eval-every", "12", "--seed", seed)
+            gold[script, seed] = rows[-1]["eval/gold_reward"]
+    gaps = [gold["best_of_n_neg", seed] - gold["best_of_n", seed] for seed in ("1", "2", "3")]
+    assert min(gold.values()) > 0.5 and min(gaps) > 0 and sum(gaps) / 3 > 0.03, gold
+
+
+def test_best_of_n_on_policy_beats_offline_on_bandit_r1(tmp_path):
+    # claim 1: reward peak where pi_ref is unlikely. Measured after 20 iterations at lr 3e-3 (seed 1): on-policy 1.000,
+    # offline 0.082; pi_ref's best of 4 rarely comes near token 70, so the offline data cannot lead there
+    gold = {}
+    for mode in ("online", "offline"):
+        (tmp_path / mode).mkdir()
+        _, rows = train("best_of_n", tmp_path / mode, "bandit_r1", "--learning-rate", "3e-3", "--num-iterations", "20", "--eval-every", "20",
+                        *(["--offline"] if mode == "offline" else []))
+        gold[mode] = rows[-1]["eval/gold_reward"]
+    assert gold["online"] > 0.9 and gold["offline"] < 0.3, gold
+
+
+def test_rwr_learns_min_length(tmp_path):
+    # measured (seed 1, lr 1e-4, the tuned default): -28.9 at iteration 0, -0.77 after 10 iterations
+    _, rows = train("rwr", tmp_path, "min_length", "--learning-rate", "1e-4", "--num-iterations", "10")
+    evals = [r for r in rows if "eval/gold_reward" in r]
+    assert evals[0]["eval/gold_reward"] < -25 and evals[-1]["eval/gold_reward"] > -5 and evals[-1]["eval/eos_rate"] > 0.95, evals
 
 
 def test_same_seed_same_metrics(tmp_path):
