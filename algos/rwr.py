@@ -114,7 +114,7 @@ TASK_DEFAULTS = {
     "bandit_r1": dict(num_iterations=100, learning_rate=1e-3),
     "bandit_r2": dict(num_iterations=100, learning_rate=1e-2),
     "min_length": dict(num_iterations=60, learning_rate=1e-4),
-    "mode_length": dict(num_iterations=60, learning_rate=1e-3),
+    "mode_length": dict(num_iterations=60, learning_rate=1e-5),
     "skew_length": dict(num_iterations=60, learning_rate=1e-4),
 }
 OFFLINE_LEARNING_RATES = dict(bandit_r1=3e-4, bandit_r2=1e-4, min_length=1e-3, mode_length=3e-4, skew_length=1e-3)  # with --offline
