@@ -163,8 +163,8 @@ def load_pairs(spec: str, split: str, tokenizer, chat: bool, max_prompt_length=N
     print(f"[cleanpref] dataset {spec} ({split}): {len(rows)} rows -> {len(pairs)} pairs; dropped {counts['tie']} ties, "
           f"{counts['malformed']} malformed, {counts['prompt_too_long']} with no room for a response (--max-length "
           f"{max_length}), {counts['identical']} identical after truncation; truncated {counts['prompts_truncated']} prompts "
-          f"(kept their last {max_prompt_length} tokens) and {counts['responses_truncated']} responses (cut to fit "
-          f"{max_length} tokens, EOS lost)")
+          f"(to their last --max-prompt-length {max_prompt_length} tokens) and {counts['responses_truncated']} responses "
+          f"(cut to --max-length {max_length} tokens with the prompt, EOS lost)")
     if len(pairs) == 0:
         raise SystemExit(f"dataset {spec!r} ({split}) has no usable preference pairs after dropping ties and malformed rows")
     return pairs, prompts, summary

@@ -94,8 +94,8 @@ def override(task: Task, dataset, reward_model, gold_reward_model, max_prompt_le
         task.gold_reward = gold
         task.info["gold_reward_model"] = gold.describe()
     if reward_model or gold_reward_model:
-        print(f"[cleanpref] {task.name}: proxy reward {task.info.get('reward_model', 'the task own')}, gold reward "
-              f"{task.info.get('gold_reward_model', 'the task own')}")
+        own = "the task's own"
+        print(f"[cleanpref] {task.name}: proxy reward {task.info.get('reward_model', own)}, gold reward {task.info.get('gold_reward_model', own)}")
     return task
 
 

@@ -309,13 +309,16 @@ def test_a_length_task_takes_a_dataset_and_an_external_reward_model(fixtures):
     from tasks import make_task
 
     base = make_task("min_length")
-    t = make_task("min_length", dataset=str(fixtures / "texts.jsonl"), reward_model=str(fixtures / "other_rm"), max_length=12)
+    t = make_task("min_length", dataset=str(fixtures / "texts.jsonl"), reward_model=str(fixtures / "other_rm"),
+                  max_prompt_length=20, max_length=30)
     rows = [json.loads(line) for line in open(fixtures / "texts.jsonl")]
     tok = t.tokenizer
     assert t.eval_prompts == base.eval_prompts and t.max_new_tokens == base.max_new_tokens  # evaluation is the task's
-    assert t.train_prompts == list(map(list, dict.fromkeys(tuple(tok(r["prompt"])["input_ids"]) for r in rows)))
-    assert len(t.preference_data) + t.info["dropped_identical"] + t.info["dropped_prompt_too_long"] == 40  # text rows: no scores, no ties
-    assert all(len(p) + max(len(c), len(r)) <= 12 for p, c, r in zip(*(t.preference_data[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids"))))
+    prompts = [tok(r["prompt"])["input_ids"] for r in rows]  # this tokenizer splits the fixture's words: 9 to 25 tokens
+    assert t.train_prompts == list(map(list, dict.fromkeys(tuple(p[-20:]) for p in prompts)))  # each prompt's last 20 tokens
+    assert t.info["prompts_truncated"] == sum(len(p) > 20 for p in prompts) > 0
+    assert len(t.preference_data) + t.info["dropped_identical"] == 40  # text rows: no scores, no ties
+    assert all(len(p) + max(len(c), len(r)) <= 30 for p, c, r in zip(*(t.preference_data[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids"))))
     assert t.info["reward_model"].endswith("(text pair)") and t.reward_model_path is None  # ppo's critic starts from pi_ref
     q = pad_rows(t.eval_prompts[:2], t.pad_token_id, left=True)
     y = pad_rows([[5, 6, t.eos_token_id], [5, 6, 7, 8]], t.pad_token_id, left=False)
