@@ -80,7 +80,9 @@ def build_fixtures(root):
     bert = dict(vocab_size=len(bert_tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                 max_position_embeddings=128)
     torch.manual_seed(1)
-    BertForSequenceClassification(BertConfig(**bert, num_labels=1)).save_pretrained(root / "other_rm")
+    other = BertForSequenceClassification(BertConfig(**bert, num_labels=1))
+    torch.nn.init.normal_(other.classifier.weight, std=1.0)  # rewards spread over ~1, not ~1e-3 (BERT's init): real preferences
+    other.save_pretrained(root / "other_rm")
     BertForSequenceClassification(BertConfig(**bert, num_labels=2)).save_pretrained(root / "multi_rm")
     for d in ("other_rm", "multi_rm"):
         bert_tok.save_pretrained(root / d)
