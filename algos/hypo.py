@@ -98,7 +98,7 @@ class Args:
     # Algorithm specific arguments
     beta: float = 0.1
     """DPO's inverse temperature: the strength of the implicit KL(pi || pi_ref) penalty"""
-    kl_coef: float = 0.05
+    kl_coef: float = 0.1
     """lambda, the weight of the online KL(pi || pi_ref) term (0 turns it off: dpo.py's updates)"""
     num_online_samples: int = 2
     """k, samples drawn from pi_theta per offline prompt each iteration (>= 2 for the leave-one-out baseline)"""
