@@ -3,9 +3,17 @@
 - `fused_logprobs`: per-token log p(label | context) from final hidden states and the output
   embedding, computed in row chunks so the [N, V] logits never exist at once.
 - `response_logprobs`: per-token log-probs of the response part of left-padded `query + response`
-  batches under a Hugging Face causal LM (pads and post-EOS tokens masked out).
+  batches under a Hugging Face causal LM (pads and post-EOS tokens masked out), computed without
+  padding: `unpadded_groups` cuts each row to its real tokens and `length_buckets` groups rows of
+  similar length, so a batch whose responses average half the longest costs about half.
 - `generate`: batched temperature sampling with a KV cache; returns the sampling log-probs too.
+  Finished rows leave the batch; `compile=True` gives a static cache and a compiled decode step.
 - `response_mask`, `pad_rows`, `exact_div`, `disable_dropout`: small helpers every script needs.
+
+No compute on padding, measured on min_length (README "Speed"): packed rows (several sequences per
+row, position ids restarting, a block-diagonal mask) ran as fast as length groups on CPU, but need a
+dense [W, W] mask per packed row here (CUDA's varlen kernels avoid that) and rely on the model's mask
+code detecting them; length groups work with any model and keep SDPA's causal fast path.
 
 Why a hand-written autograd Function rather than torch 2.13's `F.linear_cross_entropy`: the built-in
 cannot divide by a sampling temperature inside its chunks, does not accumulate bf16 inputs in fp32,
@@ -13,7 +21,10 @@ and `benchmarks/logprobs.py` measures this Function as fast as the built-in with
 and faster than it with its default options, at the same memory (table in the README).
 """
 
+import weakref
+
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer, StaticCache
 
 
 def _chunk_rows(device: torch.device) -> int:
@@ -130,6 +141,64 @@ def _check_plain_logits(model):
         raise ValueError(f"{type(model).__name__}'s output layer has a bias; cleanpref's fused log-probs assume logits = hidden @ W.T")
 
 
+def length_buckets(lengths, overhead: int):
+    """Split rows into groups of similar length: lists of row indices (longest first) minimising the padded
+    work sum over groups of (rows * longest + overhead), exactly, by dynamic programming over the sorted lengths.
+    overhead: the fixed cost of one more forward pass, in tokens."""
+    import numpy as np
+
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    longest = np.array([lengths[i] for i in order], dtype=np.int64)  # descending: a group's width is its first row's
+    best, start = np.zeros(len(order) + 1, dtype=np.int64), np.zeros(len(order) + 1, dtype=np.int64)
+    for k in range(1, len(order) + 1):  # best[k]: cheapest split of the k longest rows; the last group is rows [j, k)
+        cost = best[:k] + overhead + (k - np.arange(k)) * longest[:k]
+        start[k] = int(cost.argmin())
+        best[k] = cost[start[k]]
+    groups, k = [], len(order)
+    while k > 0:
+        groups.append(order[start[k] : k])
+        k = int(start[k])
+    return groups[::-1]
+
+
+def _bucket_overhead(device: torch.device) -> int:
+    # one more forward(+backward) costs about this many tokens of work (CPU: 64-128 measured equally fast,
+    # 512 slower; README "No compute on padding"); CUDA: an unmeasured guess, kernel launches cost more there
+    return 1024 if device.type == "cuda" else 128
+
+
+def unpadded_groups(queries, responses, keep, pad_token_id: int):
+    """`cat(queries, responses)` without its padding, as a few right-padded batches of rows of similar length.
+
+    queries: [B, Lq] left-padded; responses: [B, Lr]; keep: [B, Lr] bool, the response positions the caller
+    needs (each row is cut after its last True; at least one response token is kept). Each row becomes its
+    query from the first non-pad token followed by its kept response, left-aligned; rows are grouped by
+    `length_buckets`. Yields (group [n] row indices, input_ids [n, W], model kwargs, n_query [n], n_response [n]).
+
+    A row's pads all come after its real tokens, which never attend to them under the causal mask, so when no
+    row has a pad inside it the model gets no attention mask (causal: SDPA's fast path) and positions 0, 1, ...,
+    exactly the padded batch's (exclusive cumsum of its mask); pads inside a row get the padded batch's rules.
+    """
+    lq, lr = queries.shape[1], responses.shape[1]
+    real_q = queries != pad_token_id
+    start = torch.where(real_q.any(1), real_q.long().argmax(1), lq - 1)  # first non-pad column; keep >= 1 column
+    n_query = lq - start
+    n_response = (keep * torch.arange(1, lr + 1, device=keep.device)).amax(1).clamp(min=1)
+    ids = torch.cat([queries, responses], dim=1)
+    for group in length_buckets((n_query + n_response).tolist(), _bucket_overhead(ids.device)):
+        group = torch.tensor(group, device=ids.device)
+        length = n_query[group] + n_response[group]
+        cols = torch.arange(int(length.max()), device=ids.device)
+        inside = cols < length[:, None]
+        rows = ids[group].gather(1, (start[group, None] + cols).clamp(max=ids.shape[1] - 1)).masked_fill(~inside, pad_token_id)
+        if bool(((rows != pad_token_id) == inside).all()):
+            kwargs = dict(position_ids=cols.expand(len(rows), -1))
+        else:
+            attn = (rows != pad_token_id).long()
+            kwargs = dict(attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0))
+        yield group, rows, kwargs, n_query[group], n_response[group]
+
+
 def response_logprobs(model, queries, responses, pad_token_id: int, eos_token_id: int | None, temperature: float = 1.0):
     """Per-token log pi(response_t | query, response_<t) of a Hugging Face causal LM.
 
@@ -139,21 +208,88 @@ def response_logprobs(model, queries, responses, pad_token_id: int, eos_token_id
     the pad token's logit set to -inf exactly as in `generate`.
     Returns (logps [B, Lr] fp32 with 0 where masked, mask [B, Lr] bool from `response_mask`).
     Sum logps over dim 1 for sequence log-probs.
+
+    No compute on padding: the forward runs on `unpadded_groups` (rows cut after their first EOS, grouped
+    by length), and one fused log-prob call covers every scored token; equal to the padded batch's
+    computation to float rounding (tests/test_common.py).
     """
     _check_plain_logits(model)
-    ids = torch.cat([queries, responses], dim=1)
-    attn = (ids != pad_token_id).long()
-    position_ids = (attn.cumsum(1) - 1).clamp(min=0)
-    hidden = model.base_model(input_ids=ids, attention_mask=attn, position_ids=position_ids).last_hidden_state
-    hidden = hidden[:, queries.shape[1] - 1 : -1]  # state before each response token, [B, Lr, d]
+    if responses.shape[1] == 0:
+        raise ValueError("response_logprobs: empty responses (no tokens to score)")
     mask = response_mask(responses, pad_token_id, eos_token_id)
-    labels = responses.masked_fill(~mask, 0)  # any in-range id; masked out below
-    logps = fused_logprobs(hidden, model.get_output_embeddings().weight, labels, temperature, banned_token=pad_token_id)
+    states, where = [], []
+    for group, rows, kwargs, n_query, n_response in unpadded_groups(queries, responses, mask, pad_token_id):
+        hidden = model.base_model(input_ids=rows, **kwargs).last_hidden_state  # [n, W, d]
+        t = torch.arange(rows.shape[1], device=rows.device) - (n_query[:, None] - 1)  # the response token each state predicts
+        scored = (t >= 0) & (t < n_response[:, None])
+        states.append(hidden[scored])
+        where.append((group[:, None].expand_as(t)[scored], t[scored]))
+    row, col = (torch.cat(x) for x in zip(*where))
+    labels = responses[row, col].masked_fill(~mask[row, col], 0)  # any in-range id; masked out below
+    flat = fused_logprobs(torch.cat(states), model.get_output_embeddings().weight, labels, temperature, banned_token=pad_token_id)
+    logps = flat.new_zeros(mask.shape).index_put((row, col), flat)
     return logps.masked_fill(~mask, 0.0), mask
 
 
+class _SlabLayer(DynamicLayer):
+    """A full-attention KV cache layer that writes into a preallocated [B, heads, capacity, head_dim] slab.
+
+    Hugging Face's DynamicLayer concatenates the whole cache at every step: O(L) copying per token, O(L^2) per
+    response, which on long responses costs more than the model. Keys and values handed to attention are views.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.slabs = [x.new_empty(*x.shape[:2], self.capacity, x.shape[3]) for x in (key_states, value_states)]
+        n = self.length + key_states.shape[-2]
+        self.slabs[0][:, :, self.length : n] = key_states
+        self.slabs[1][:, :, self.length : n] = value_states
+        self.length = n
+        self.keys, self.values = self.slabs[0][:, :, :n], self.slabs[1][:, :, :n]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices):  # drop finished rows
+        if self.is_initialized:
+            self.slabs = [s[indices] for s in self.slabs]
+            self.keys, self.values = self.slabs[0][:, :, : self.length], self.slabs[1][:, :, : self.length]
+
+
+def _slab_cache(model, capacity: int):
+    """Hugging Face's DynamicCache for `model` with its full-attention layers replaced by `_SlabLayer`s
+    (sliding-window and other special layers keep their own)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [_SlabLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+_COMPILED = weakref.WeakKeyDictionary()  # model -> (compiled forward, {(batch, cache length): StaticCache})
+
+
+def _static_decoder(model, batch: int, length: int):
+    """The compiled forward of `model` and a StaticCache of `length` positions for `batch` rows, both reused across calls:
+    the same buffers every call let CUDA graphs replay (torch.compile's "reduce-overhead") instead of re-recording."""
+    if model not in _COMPILED:
+        mode = "reduce-overhead" if model.device.type == "cuda" else None  # CPU: plain inductor
+        _COMPILED[model] = (torch.compile(model, fullgraph=True, mode=mode), {})
+    step, caches = _COMPILED[model]
+    if (batch, length) not in caches:
+        caches[(batch, length)] = StaticCache(config=model.config, max_cache_len=length)
+    cache = caches[(batch, length)]
+    cache.reset()
+    return step, cache
+
+
+COMPACT_AT = 0.25  # drop finished rows once they are this share of the batch (0.125-0.5 measured alike on min_length)
+
+
 @torch.no_grad()
-def generate(model, queries, pad_token_id: int, eos_token_id: int | None, max_new_tokens: int, temperature: float = 1.0, generator: torch.Generator | None = None):
+def generate(model, queries, pad_token_id: int, eos_token_id: int | None, max_new_tokens: int, temperature: float = 1.0,
+             generator: torch.Generator | None = None, compile: bool = False):
     """Sample responses from a Hugging Face causal LM with a KV cache.
 
     queries: [B, Lq] left-padded with pad_token_id. Each row stops at its first EOS (eos_token_id
@@ -163,38 +299,65 @@ def generate(model, queries, pad_token_id: int, eos_token_id: int | None, max_ne
     policy is the model restricted to non-pad tokens, in sampling and in `response_logprobs` alike.
     Returns (responses [B, L] int64, logps [B, L] fp32: log-prob of each sampled token at
     `temperature`, 0 on pads), L <= max_new_tokens. A response without EOS was truncated.
+
+    Sampling draws one uniform per row and step from `generator`, for every row (finished ones
+    included), and picks the token by inverse CDF: the tokens depend only on the generator and the
+    model's logits, not on the batching below.
+    - Default (eager): the KV cache lives in preallocated slabs (`_SlabLayer`) and finished rows are
+      dropped from the batch once they are COMPACT_AT of it, so they stop costing compute.
+    - compile=True (for CUDA): a StaticCache and a compiled decode step (CUDA graphs on a GPU), the
+      batch kept whole so that shapes stay static; the query width is rounded up to a multiple of 32
+      (more left pads) so that a run compiles for a few shapes only. The first calls compile (minutes
+      on a large model); worth it for long runs.
     """
     if pad_token_id == eos_token_id:
         raise ValueError("generate: pad_token_id must differ from eos_token_id, or responses cannot end")
     if queries.dim() != 2 or queries.shape[0] == 0 or max_new_tokens < 1 or not temperature > 0:
         raise ValueError(f"generate: expected queries [B>0, Lq], max_new_tokens >= 1, temperature > 0; got {tuple(queries.shape)}, {max_new_tokens}, {temperature}")
+    if compile:
+        queries = torch.nn.functional.pad(queries, (-queries.shape[1] % 32, 0), value=pad_token_id)
     b, lq = queries.shape
-    attn = torch.ones(b, lq + max_new_tokens, dtype=torch.long, device=queries.device)
+    device = queries.device
+    attn = torch.ones(b, lq + max_new_tokens, dtype=torch.long, device=device)
     attn[:, :lq] = queries != pad_token_id
     position = (attn[:, :lq].cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=queries, attention_mask=attn[:, :lq], position_ids=position, use_cache=True, logits_to_keep=1)
+    step, cache = _static_decoder(model, b, lq + max_new_tokens) if compile else (model, _slab_cache(model, lq + max_new_tokens))
+    logits = model(input_ids=queries, attention_mask=attn[:, :lq], position_ids=position, past_key_values=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]
     position = position[:, -1:]
-    responses = torch.full((b, max_new_tokens), pad_token_id, dtype=torch.long, device=queries.device)
-    logps = torch.zeros(b, max_new_tokens, device=queries.device)
-    done = torch.zeros(b, dtype=torch.bool, device=queries.device)
+    responses = torch.full((b, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logps = torch.zeros(b, max_new_tokens, device=device)
+    rows = torch.arange(b, device=device)  # the original row of each row still in the batch
+    done = torch.zeros(b, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        logits = out.logits[:, -1].float() / temperature
+        u = torch.rand(b, 1, generator=generator, device=device)  # one uniform per original row, every step
+        logits = logits.float() / temperature
         logits[:, pad_token_id] = float("-inf")
         logp = torch.log_softmax(logits, dim=-1)
         # inverse-CDF sampling: exact, faster than torch.multinomial on CPU, never picks a p=0 token
         cdf = logp.exp().cumsum(dim=-1)
-        u = torch.rand(b, 1, generator=generator, device=cdf.device) * cdf[:, -1:]
-        token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1).squeeze(1)
+        token = torch.searchsorted(cdf, u[rows] * cdf[:, -1:], right=True).clamp_(max=cdf.shape[1] - 1).squeeze(1)
         token = token.masked_fill(done, pad_token_id)
-        responses[:, t] = token
-        logps[:, t] = logp.gather(1, token[:, None]).squeeze(1).masked_fill(done, 0.0)
+        responses[rows, t] = token
+        logps[rows, t] = logp.gather(1, token[:, None]).squeeze(1).masked_fill(done, 0.0)
         if eos_token_id is not None:
             done |= token == eos_token_id
-        if t == max_new_tokens - 1 or bool(done.all()):
+        n_done = int(done.sum())
+        if t == max_new_tokens - 1 or n_done == len(rows):
             break
+        if not compile and n_done >= max(1, COMPACT_AT * len(rows)):  # drop the finished rows
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, token, position, done, attn = rows[keep], token[keep], position[keep], done[keep], attn[keep]
         position = position + 1
-        out = model(input_ids=token[:, None], attention_mask=attn[:, : lq + t + 1], position_ids=position,
-                    past_key_values=out.past_key_values, use_cache=True)
+        if compile:  # static shapes: the whole mask (positions not yet written are causally masked)
+            if device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            out = step(input_ids=token[:, None], attention_mask=attn, position_ids=position, past_key_values=cache, use_cache=True)
+        else:
+            out = model(input_ids=token[:, None], attention_mask=attn[:, : lq + t + 1], position_ids=position, past_key_values=cache,
+                        use_cache=True)
+        logits = out.logits[:, -1]
     return responses[:, : t + 1], logps[:, : t + 1]
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import disable_dropout, pad_rows  # noqa: E402
+from common import disable_dropout, pad_rows, unpadded_groups  # noqa: E402
 
 
 @dataclass
@@ -61,12 +61,16 @@ class Args:
 
 
 def reward_scores(reward_model, queries, responses, pad_token_id):
-    """r_phi(x, y) for left-padded queries [B, Lq] and right-padded responses [B, Lr] -> [B] fp32."""
-    ids = torch.cat([queries, responses], dim=1)
-    attn = (ids != pad_token_id).long()
-    position_ids = (attn.cumsum(1) - 1).clamp(min=0)
-    # the classifier reads its score at the last non-pad token: the response's EOS (or last token)
-    return reward_model(input_ids=ids, attention_mask=attn, position_ids=position_ids).logits[:, 0].float()
+    """r_phi(x, y) for left-padded queries [B, Lq] and right-padded responses [B, Lr] -> [B] fp32.
+
+    The classifier reads its score at the last non-pad token: the response's EOS (or its last token). No
+    compute on padding: the forward runs on `common.unpadded_groups`, rows cut to their real tokens and
+    grouped by length; equal to the padded batch's scores to float rounding (tests/test_common.py)."""
+    scores, order = [], []
+    for group, rows, kwargs, _, _ in unpadded_groups(queries, responses, responses != pad_token_id, pad_token_id):
+        scores.append(reward_model(input_ids=rows, **kwargs).logits[:, 0].float())
+        order.append(group)
+    return torch.cat(scores)[torch.cat(order).argsort()]
 
 
 def _pair_scores(reward_model, pairs, pad_token_id, device):
@@ -118,9 +122,7 @@ def reward_model_train(reward_model, pairs, pad_token_id, learning_rate, num_epo
 
 
 def main(args: Args):
-    from tqdm.auto import tqdm
-
-    from tasks import load_reward_model, load_rows
+    from tasks import load_reward_model, load_rows, step_bar
 
     if not args.model or not args.dataset:
         raise SystemExit("reward_model.py: pass --model (local directory or hub id) and --dataset (file, directory or hub id)")
@@ -141,15 +143,8 @@ def main(args: Args):
     out = Path(args.output_dir or f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
-    bar = tqdm(total=args.num_epochs * math.ceil(len(train_pairs) / args.minibatch_size), desc="reward model")
-
-    def progress(step, total, loss):
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
-
     history = reward_model_train(reward_model, train_pairs, tokenizer.pad_token_id, args.learning_rate, args.num_epochs,
-                                 args.minibatch_size, args.seed, progress)
-    bar.close()
+                                 args.minibatch_size, args.seed, step_bar("reward model"))
     accuracy = pairwise_accuracy(reward_model, eval_pairs, tokenizer.pad_token_id) if eval_pairs else float("nan")
     reward_model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")

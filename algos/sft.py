@@ -96,9 +96,7 @@ def sft_train(model, queries, responses, pad_token_id, eos_token_id, learning_ra
 
 
 def main(args: Args):
-    from tqdm.auto import tqdm
-
-    from tasks import load_causal_lm, load_rows, prompt_text
+    from tasks import load_causal_lm, load_rows, prompt_text, step_bar
 
     if not args.model or not args.dataset:
         raise SystemExit("sft.py: pass --model (local directory or hub id) and --dataset (file, directory or hub id)")
@@ -112,15 +110,8 @@ def main(args: Args):
     out = Path(args.output_dir or f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
-    bar = tqdm(total=args.num_epochs * math.ceil(len(queries) / args.minibatch_size), desc="sft")
-
-    def progress(step, total, loss):
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
-
     history = sft_train(model, queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id, args.learning_rate,
-                        args.num_epochs, args.minibatch_size, args.seed, progress)
-    bar.close()
+                        args.num_epochs, args.minibatch_size, args.seed, step_bar("sft"))
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     (out / "metrics.json").write_text(json.dumps({"train/nll_per_epoch": history}))

@@ -1,11 +1,18 @@
 """Sampling throughput: cleanpref's `common.generate` vs Hugging Face `model.generate`, side by side.
 
     OMP_NUM_THREADS=1 python benchmarks/generate.py
+    python benchmarks/generate.py --cuda --compile          # on a GPU, with the static-cache compiled decode step too
 
-A tiny Llama-style model (random weights; speed does not depend on them), left-padded prompts of
-mixed length, 32 new tokens at temperature 1 with EOS disabled so every call makes the same number
-of tokens. The two are interleaved in one process (medians of --repeats rounds). Also checks that
-the helper's sampling log-probs equal a teacher-forced recompute (`common.response_logprobs`).
+Two workloads, each at batch 16 and 64, temperature 1, no top-k/top-p:
+- `min_length pi_ref`: the task's reference policy (2-layer Llama, 128 wide) on its train prompts, up to
+  64 new tokens, stopping at EOS: the sampling every online iteration does (responses average ~30
+  tokens, ~5% run to the limit, so a batch of 64 nearly always runs all 64 steps).
+- `fixed length`: a random tiny Llama of the same shape with EOS off, 32 new tokens for every row: the
+  per-token cost alone (finished rows cannot be dropped here).
+tokens/s counts the response tokens each call really produced (EOS included, pads after it not), so
+the two samplers are compared on the same distribution, not on identical draws. The calls are
+interleaved in one process, medians of --repeats rounds. The last column checks the helper's sampling
+log-probs against a teacher-forced recompute (`common.response_logprobs`).
 """
 
 import argparse
@@ -19,63 +26,69 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import generate, response_logprobs  # noqa: E402
+from common import generate, pad_rows, response_logprobs  # noqa: E402
 
-PAD = 0
+
+def workloads(device):
+    """(name, model, prompts, pad, eos, max_new_tokens) per workload."""
+    from tasks import make_task
+
+    task = make_task("min_length", device)
+    yield "min_length pi_ref", task.load_policy(), task.train_prompts, task.pad_token_id, task.eos_token_id, task.max_new_tokens
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, 512, (int(n),), generator=g).tolist() for n in torch.randint(4, 17, (256,), generator=g)]
+    yield "fixed length", LlamaForCausalLM(cfg).to(device).eval(), prompts, 0, None, 32
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--cuda", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also time common.generate(compile=True) (static cache, compiled step)")
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    device = "cuda" if a.cuda else "cpu"
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, max_position_embeddings=256, pad_token_id=PAD, eos_token_id=1, bos_token_id=None)
-    model = LlamaForCausalLM(cfg).to(device).eval()
-    print(f"tiny Llama {sum(x.numel() for x in model.parameters()) / 1e6:.2f}M params, {device}, threads={torch.get_num_threads()}, "
-          f"{a.new_tokens} new tokens\n")
-    print("| batch | helper tok/s | generate tok/s | helper / generate | max abs(sampling logp - recompute) |\n|---|---|---|---|---|")
-    for b in a.batch_sizes:
-        lengths = torch.randint(4, 17, (b,), generator=torch.Generator().manual_seed(b))
-        q = torch.full((b, 16), PAD, dtype=torch.long)
-        for i, n in enumerate(lengths.tolist()):
-            q[i, 16 - n:] = torch.randint(2, 512, (n,))
-        q = q.to(device)
-        g = torch.Generator(device).manual_seed(0)
-
-        def ours():
-            return generate(model, q, PAD, None, a.new_tokens, 1.0, g)
-
-        def hf():
-            return model.generate(q, attention_mask=(q != PAD).long(), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                  max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, pad_token_id=PAD, eos_token_id=None)
-
-        times = {"ours": [], "hf": []}
-        ours(), hf()  # warm-up
-        for _ in range(a.repeats):
-            for k, fn in (("ours", ours), ("hf", hf)):
-                if a.cuda:
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
+    device = torch.device("cuda" if a.cuda else "cpu")
+    print(f"{device}, threads={torch.get_num_threads()}, fp32\n")
+    cols = ["helper", "model.generate"] + (["helper compile=True"] if a.compile else [])
+    print(f"| workload | batch | {' | '.join(c + ' tok/s' for c in cols)} | helper / generate | max abs(sampling logp - recompute) |")
+    print("|---|---|" + "---|" * (len(cols) + 2))
+    for name, model, prompts, pad, eos, new in workloads(device):
+        for b in a.batch_sizes:
+            rng = torch.Generator().manual_seed(b)
+            q = pad_rows([prompts[i] for i in torch.randint(len(prompts), (b,), generator=rng).tolist()], pad, left=True, device=device)
+            g = torch.Generator(device).manual_seed(0)
+            fns = {"helper": lambda: generate(model, q, pad, eos, new, 1.0, g)[0],
+                   "model.generate": lambda: model.generate(q, attention_mask=(q != pad).long(), do_sample=True, temperature=1.0, top_k=0,
+                                                            top_p=1.0, max_new_tokens=new, pad_token_id=pad, eos_token_id=eos,
+                                                            min_new_tokens=new if eos is None else 0)[:, q.shape[1]:]}
+            if a.compile:
+                fns["helper compile=True"] = lambda: generate(model, q, pad, eos, new, 1.0, g, compile=True)[0]
+            rate = {k: [] for k in fns}
+            for k, fn in fns.items():  # warm-up (and compile)
                 fn()
-                if a.cuda:
-                    torch.cuda.synchronize()
-                times[k].append(time.perf_counter() - t)
-        assert hf().shape[1] - q.shape[1] == a.new_tokens
-        r, lp = ours()
-        assert r.shape[1] == a.new_tokens
-        with torch.no_grad():
-            scored, _ = response_logprobs(model, q, r, PAD, None)
-        err = (lp - scored).abs().max().item()
-        tok = b * a.new_tokens
-        t_ours, t_hf = statistics.median(times["ours"]), statistics.median(times["hf"])
-        print(f"| {b} | {tok / t_ours:.0f} | {tok / t_hf:.0f} | {t_hf / t_ours:.2f}x | {err:.1e} |")
-    print(f"\nreproduce: OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/generate.py" + (" --cuda" if a.cuda else ""))
+            for _ in range(a.repeats):
+                for k, fn in fns.items():
+                    if a.cuda:
+                        torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    y = fn()
+                    if a.cuda:
+                        torch.cuda.synchronize()
+                    dt = time.perf_counter() - t
+                    real = (y != pad) & ((y == eos).long().cumsum(1) - (y == eos).long() == 0) if eos is not None else y != pad
+                    rate[k].append(int(real.sum()) / dt)
+            r, lp = generate(model, q, pad, eos, new, 1.0, g)
+            with torch.no_grad():
+                scored, _ = response_logprobs(model, q, r, pad, eos)
+            err = (lp - scored).abs().max().item()
+            med = {k: statistics.median(v) for k, v in rate.items()}
+            print(f"| {name} | {b} | {' | '.join(f'{med[c]:.0f}' for c in cols)} | {med['helper'] / med['model.generate']:.2f}x | {err:.1e} |")
+    print(f"\nreproduce: OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/generate.py" + (" --cuda" if a.cuda else "")
+          + (" --compile" if a.compile else ""))
 
 
 if __name__ == "__main__":

@@ -111,6 +111,7 @@ def cached(kind: str, recipe: dict, build: Callable[[Path], dict]) -> Path:
         print(f"[cleanpref] cache {final} is damaged or partial: rebuilding it")
         shutil.rmtree(final, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".building-{kind}-"))
+    print(f"[cleanpref] building {kind} (first use: trains what it needs, then loads from {root})", flush=True)
     try:
         start = time.time()
         with torch.random.fork_rng():  # builds seed themselves; a run must not depend on whether its cache was warm
@@ -127,6 +128,23 @@ def cached(kind: str, recipe: dict, build: Callable[[Path], dict]) -> Path:
     stats = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
     print(f"[cleanpref] built {kind} in {time.time() - start:.0f}s -> {final} ({stats})")
     return final
+
+
+def step_bar(desc: str):
+    """A `progress(step, total, loss)` callback, as `sft_train` and `reward_model_train` take, that drives a
+    tqdm bar on stderr: builds and the standalone scripts show their steps instead of a silent minute."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=desc, unit="step", dynamic_ncols=True)
+
+    def progress(step, total, loss):
+        bar.total = total
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        if step >= total:
+            bar.close()
+
+    return progress
 
 
 def summary_of(directory: Path) -> dict:

@@ -20,7 +20,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from tasks import Task, cached
+from tasks import Task, cached, step_bar
 
 VOCAB, PAD, RESPONSE_LEN = 100, 100, 9
 MU = {"bandit_r1": 70.0, "bandit_r2": 20.0}
@@ -69,7 +69,8 @@ def _build(out, r=RECIPE):
                       num_attention_heads=r["heads"], num_key_value_heads=r["heads"], max_position_embeddings=16,
                       pad_token_id=PAD, bos_token_id=None, eos_token_id=None, tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
-    nll = sft_train(model, prompts.tolist(), demos.tolist(), PAD, None, r["sft_lr"], r["sft_epochs"], r["sft_minibatch"], r["seed"])
+    nll = sft_train(model, prompts.tolist(), demos.tolist(), PAD, None, r["sft_lr"], r["sft_epochs"], r["sft_minibatch"], r["seed"],
+                    step_bar("bandit pi_ref (sft)"))
     train = torch.randint(0, VOCAB, (r["train_prompts"], 1), generator=g).tolist()
     evals = torch.randint(0, VOCAB, (r["eval_prompts"], 1), generator=g).tolist()
     queries = pad_rows([q for q in train for _ in range(r["samples_per_prompt"])], PAD, left=True)

@@ -41,7 +41,7 @@ from functools import partial
 
 import torch
 
-from tasks import Task, cached, load_causal_lm, load_rows, prompt_text, source_key, summary_of
+from tasks import Task, cached, load_causal_lm, load_rows, prompt_text, source_key, step_bar, summary_of
 
 ANIMALS = "fox owl cat dog bear wolf deer frog duck goat hare lion mole mouse otter pig rabbit seal sheep snake swan tiger toad whale".split()
 PLACES = "forest river hill town field lake garden cave barn valley meadow bridge".split()
@@ -49,7 +49,7 @@ ACTS = "sees finds helps follows meets chases greets watches visits calls".split
 MOVES = "sleeps runs sings jumps waits hides eats swims laughs rests".split()
 ADJS = "little old happy sleepy brave quiet clever tiny".split()
 SENTENCE_COUNTS = [0.06, 0.16, 0.22, 0.18, 0.13, 0.09, 0.06, 0.045, 0.03, 0.025]  # P(n = 1..10): mode 3, long tail
-RECIPE = dict(version=2, seed=0, sft_examples=5500, train_prompts=2000, eval_prompts=256, vocab=512, hidden=128, layers=2,
+RECIPE = dict(version=3, seed=0, sft_examples=5500, train_prompts=2000, eval_prompts=256, vocab=512, hidden=128, layers=2,
               heads=4, sample_batch=512, sft_epochs=1, sft_lr=3e-3, sft_minibatch=32, max_new_tokens=64, rm_lr=1e-3, rm_epochs=3,
               rm_minibatch=64, rm_eval_fraction=0.1, skew_max_fraction=0.5)
 REAL_MODEL = dict(max_new_tokens=256, sample_batch=64, rm_lr=1e-5, rm_epochs=1, rm_minibatch=16)
@@ -107,6 +107,8 @@ def _train_tokenizer(texts, vocab):
 def _build_world(out, r, model, prompts, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from tqdm.auto import tqdm
+
     from algos.sft import sft_train
     from common import generate, pad_rows
 
@@ -129,14 +131,15 @@ def _build_world(out, r, model, prompts, device):
         q = [tokenizer(p)["input_ids"] for p, _ in demos]
         y = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for _, t in demos]
         nll = sft_train(policy, q, y, tokenizer.pad_token_id, tokenizer.eos_token_id, r["sft_lr"], r["sft_epochs"],
-                        r["sft_minibatch"], r["seed"])[-1]
+                        r["sft_minibatch"], r["seed"], step_bar("pi_ref (sft)"))[-1]
     texts = texts or [story_prompt(rng) for _ in range(r["train_prompts"] + r["eval_prompts"])]
     ids = [tokenizer(t)["input_ids"] for t in texts]
     n_eval = min(r["eval_prompts"], len(ids) // 5)
     train, evals = ids[n_eval:][: r["train_prompts"]], ids[:n_eval]
     g = torch.Generator(device).manual_seed(r["seed"])
     samples = []
-    for s in range(0, len(train), r["sample_batch"] // 2):  # two samples per train prompt: the preference data's raw material
+    # two samples per train prompt: the preference data's raw material
+    for s in tqdm(range(0, len(train), r["sample_batch"] // 2), desc="sampling pi_ref", unit="batch"):
         q = pad_rows([p for p in train[s : s + r["sample_batch"] // 2] for _ in range(2)], tokenizer.pad_token_id, left=True, device=device)
         y, _ = generate(policy, q, tokenizer.pad_token_id, tokenizer.eos_token_id, r["max_new_tokens"], 1.0, g)
         samples += [[t for t in row if t != tokenizer.pad_token_id] for row in y.tolist()]
@@ -178,7 +181,8 @@ def _build_task(out, r, name, world, device):
                          f"{r['max_new_tokens']} tokens")
     torch.manual_seed(r["seed"])  # the new score head's init must not depend on earlier RNG use
     reward_model, _ = load_reward_model(str(world / "policy"), device)
-    loss = reward_model_train(reward_model, pairs[n_eval:], pad, r["rm_lr"], r["rm_epochs"], r["rm_minibatch"], r["seed"])
+    loss = reward_model_train(reward_model, pairs[n_eval:], pad, r["rm_lr"], r["rm_epochs"], r["rm_minibatch"], r["seed"],
+                              step_bar(f"{name} reward model"))
     accuracy = pairwise_accuracy(reward_model, pairs[:n_eval], pad)
     reward_model.save_pretrained(out / "reward_model")
     (out / "preference_data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -210,4 +214,5 @@ def make(name, device, model=None, prompts=None):
     return Task(name=name, tokenizer=tokenizer, policy_path=str(world / "policy"), pad_token_id=pad, eos_token_id=eos,
                 max_new_tokens=r["max_new_tokens"], temperature=1.0, train_prompts=data["train_prompts"], eval_prompts=data["eval_prompts"],
                 preference_data=datasets.Dataset.from_list([json.loads(line) for line in open(task_dir / "preference_data.jsonl")]),
-                proxy_reward=proxy_reward, gold_reward=gold, device=device, reward_model_path=str(task_dir / "reward_model"), info={**summary_of(world), **summary_of(task_dir)})
+                proxy_reward=proxy_reward, gold_reward=gold, device=device, reward_model_path=str(task_dir / "reward_model"),
+                info={**summary_of(world), **summary_of(task_dir)})

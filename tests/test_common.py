@@ -1,10 +1,11 @@
-"""common.py against naive references: log-probs, masking under left padding, sampling."""
+"""common.py against naive references: log-probs, masking under left padding, padding-free batches, sampling."""
 
 import pytest
 import torch
 from conftest import EOS, PAD, tiny_llama
 
-from common import exact_div, fused_logprobs, generate, pad_rows, response_logprobs
+import common
+from common import exact_div, fused_logprobs, generate, length_buckets, pad_rows, response_logprobs
 
 
 def naive_logprobs(h, w, y, temperature=1.0, banned=None):
@@ -155,3 +156,165 @@ def test_exact_div():
     assert exact_div(12, 4, "batch_size / minibatch_size") == 3
     with pytest.raises(SystemExit, match="batch_size / minibatch_size: 10 is not divisible by 4"):
         exact_div(10, 4, "batch_size / minibatch_size")
+
+
+# --- no compute on padding: the grouped, trimmed batches equal the padded computation ---------------------
+
+def padded_logprobs(model, queries, responses, temperature):
+    """The padded batch's log-probs, written out: one forward over cat(queries, responses) with the pad mask."""
+    ids = torch.cat([queries, responses], 1)
+    attn = (ids != PAD).long()
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0)).logits
+    logits = logits[:, queries.shape[1] - 1 : -1].float() / temperature
+    logits[..., PAD] = float("-inf")
+    mask = responses != PAD
+    mask &= (responses == EOS).long().cumsum(1) - (responses == EOS).long() == 0
+    return torch.log_softmax(logits, -1).gather(-1, responses[..., None]).squeeze(-1).masked_fill(~mask, 0.0), mask
+
+
+def ragged_batch(seed, b=20, lq=7, lr=12):
+    """Left-padded queries of 1..lq tokens; responses of 1..lr tokens, some with EOS mid-row and tokens after it,
+    one of a single token, one of max length without EOS, one of max length ending in EOS."""
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.full((b, lq), PAD), torch.full((b, lr), PAD)
+    for i in range(b):
+        nq, nr = int(torch.randint(1, lq + 1, (), generator=g)), int(torch.randint(1, lr + 1, (), generator=g))
+        q[i, lq - nq:] = torch.randint(2, 40, (nq,), generator=g)
+        r[i, :nr] = torch.randint(2, 40, (nr,), generator=g)
+        if i % 3 == 0 and nr > 2:
+            r[i, nr // 2] = EOS  # EOS mid-row: the tokens after it are not scored
+    r[0], r[1], r[2] = torch.randint(2, 40, (lr,), generator=g), PAD, torch.randint(2, 40, (lr,), generator=g)
+    r[1, 0], r[2, -1] = 7, EOS
+    return q, r
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_unpadded_response_logprobs_equal_the_padded_batch(tiny_lm, temperature, monkeypatch):
+    q, r = ragged_batch(0)
+    ref, ref_mask = padded_logprobs(tiny_lm, q, r, temperature)
+    ref_grads = torch.autograd.grad(ref.sum(), list(tiny_lm.parameters()))
+    for overhead in (0, 10**6):  # one group per length, and a single group
+        monkeypatch.setattr(common, "_bucket_overhead", lambda device: overhead)
+        groups = list(common.unpadded_groups(q, r, ref_mask, PAD))
+        assert len(groups) > 1 if overhead == 0 else len(groups) == 1
+        assert all("attention_mask" not in kwargs for _, _, kwargs, _, _ in groups)  # no pads inside rows: causal fast path
+        assert sum(rows.numel() for _, rows, _, _, _ in groups) < q.numel() + r.numel()  # less than the padded batch
+        logps, mask = response_logprobs(tiny_lm, q, r, PAD, EOS, temperature)
+        assert torch.equal(mask, ref_mask)
+        torch.testing.assert_close(logps, ref, atol=1e-5, rtol=0)
+        grads = torch.autograd.grad(logps.sum(), list(tiny_lm.parameters()))
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_unpadded_response_logprobs_with_pads_inside_rows(tiny_lm):
+    """Pads inside a query or a response (no script makes them) fall back to the padded batch's mask rules."""
+    q = torch.tensor([[5, PAD, 6], [PAD, PAD, 9], [PAD, PAD, PAD]])
+    r = torch.tensor([[8, PAD, 9, EOS], [7, 7, EOS, PAD], [4, EOS, PAD, PAD]])
+    ref, _ = padded_logprobs(tiny_lm, q, r, 1.0)
+    logps, _ = response_logprobs(tiny_lm, q, r, PAD, EOS)
+    torch.testing.assert_close(logps[:2], ref[:2], atol=1e-5, rtol=0)
+    assert torch.isfinite(logps).all()  # an all-pad query: nothing to compare with (the padded batch attends to nothing)
+
+
+def test_unpadded_reward_scores_equal_the_padded_batch(monkeypatch):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from algos.reward_model import reward_scores
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=64, pad_token_id=PAD, eos_token_id=EOS, num_labels=1)
+    rm = LlamaForSequenceClassification(cfg).eval()
+    q, r = ragged_batch(1)
+    r = r.masked_fill((r == EOS).long().cumsum(1) - (r == EOS).long() > 0, PAD)  # as sampled: pads after EOS
+    ids = torch.cat([q, r], 1)
+    attn = (ids != PAD).long()
+    with torch.no_grad():
+        ref = rm(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0)).logits[:, 0]
+        for overhead in (0, 10**6):
+            monkeypatch.setattr(common, "_bucket_overhead", lambda device: overhead)
+            torch.testing.assert_close(reward_scores(rm, q, r, PAD), ref, atol=1e-5, rtol=0)
+        q2, r2 = torch.tensor([[5, PAD, 6], [PAD, 3, 4]]), torch.tensor([[8, PAD, EOS], [PAD, PAD, PAD]])  # pads inside; empty response
+        ids = torch.cat([q2, r2], 1)
+        attn = (ids != PAD).long()
+        ref = rm(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0)).logits[:, 0]
+        torch.testing.assert_close(reward_scores(rm, q2, r2, PAD), ref, atol=1e-5, rtol=0)
+
+
+def test_length_buckets_is_the_cheapest_contiguous_split():
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(30):
+        lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 8))]
+        overhead = rng.choice([0, 5, 40, 500])
+        groups = length_buckets(lengths, overhead)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        cost = sum(overhead + len(g) * max(lengths[i] for i in g) for g in groups)
+        s = sorted(lengths, reverse=True)
+        best = min(sum(overhead + (b - a) * s[a] for a, b in zip((0,) + cuts, cuts + (len(s),)))
+                   for k in range(len(s)) for cuts in itertools.combinations(range(1, len(s)), k))
+        assert cost == best, (lengths, overhead, groups)
+    assert length_buckets([5, 50, 6, 48], 10) == [[1, 3], [2, 0]]  # the two long rows together, the two short ones
+
+
+# --- the sampler: tokens fixed by the generator, whatever the batching ---------------------------------------
+
+def reference_sample(model, queries, max_new_tokens, temperature, generator, eos=EOS):
+    """The sampling rule written plainly: no KV cache, the whole sequence recomputed at every step, one uniform
+    per row per step (finished rows included), token = first index whose CDF exceeds u * total."""
+    b = queries.shape[0]
+    seq, done, tokens, logps = queries.clone(), torch.zeros(b, dtype=torch.bool), [], []
+    for t in range(max_new_tokens):
+        u = torch.rand(b, 1, generator=generator)
+        attn = (seq != PAD).long()
+        with torch.no_grad():
+            logits = model(input_ids=seq, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0)).logits[:, -1]
+        logits = logits.float() / temperature
+        logits[:, PAD] = float("-inf")
+        logp = torch.log_softmax(logits, -1)
+        cdf = logp.exp().cumsum(-1)
+        token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[1] - 1).squeeze(1).masked_fill(done, PAD)
+        tokens.append(token)
+        logps.append(logp.gather(1, token[:, None]).squeeze(1).masked_fill(done, 0.0))
+        if eos is not None:
+            done |= token == eos
+        if done.all():
+            break
+        seq = torch.cat([seq, token.masked_fill(done, 3)[:, None]], 1)  # any non-pad id after EOS: never read
+    return torch.stack(tokens, 1), torch.stack(logps, 1)
+
+
+@pytest.mark.parametrize("temperature,eos", [(1.0, EOS), (0.7, EOS), (1.0, None)])
+def test_generate_equals_the_reference_sampler(tiny_lm, temperature, eos):
+    q = left_pad([[5, 6, 7, 8], [9], [10, 11], [12, 13, 14]] * 4, 4)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    r, lp = generate(tiny_lm, q, PAD, eos, 30, temperature, g1)
+    ref_r, ref_lp = reference_sample(tiny_lm, q, 30, temperature, g2, eos)
+    assert torch.equal(r, ref_r)
+    torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=0)
+    assert torch.equal(g1.get_state(), g2.get_state())  # the same number of draws: later calls see the same stream
+    if eos is not None:
+        assert 0 < (r == EOS).any(1).sum() < len(r)  # some rows ended early, some ran to the end
+
+
+@pytest.mark.parametrize("compact_at", [0.0, 0.5])
+def test_generate_compaction_changes_nothing(tiny_lm, compact_at, monkeypatch):
+    q = left_pad([[5, 6, 7, 8], [9], [10, 11]] * 6, 4)
+    monkeypatch.setattr(common, "COMPACT_AT", 2.0)  # never drop finished rows
+    whole = generate(tiny_lm, q, PAD, EOS, 40, 1.0, torch.Generator().manual_seed(2))
+    monkeypatch.setattr(common, "COMPACT_AT", compact_at)  # 0: drop rows as soon as any finishes
+    compacted = generate(tiny_lm, q, PAD, EOS, 40, 1.0, torch.Generator().manual_seed(2))
+    assert torch.equal(whole[0], compacted[0]) and torch.equal(whole[1], compacted[1])
+    assert (whole[0] == EOS).any(1).sum() >= len(q) // 2  # the rows really finished at different steps
+
+
+def test_generate_compiled_static_cache_equals_eager(tiny_lm):
+    """compile=True (StaticCache + torch.compile; CUDA graphs on a GPU) samples the same tokens, here on CPU."""
+    q = left_pad([[5, 6, 7], [8], [9, 10]] * 4, 3)
+    eager = generate(tiny_lm, q, PAD, EOS, 20, 1.0, torch.Generator().manual_seed(1))
+    compiled = generate(tiny_lm, q, PAD, EOS, 20, 1.0, torch.Generator().manual_seed(1), compile=True)
+    assert torch.equal(eager[0], compiled[0])
+    torch.testing.assert_close(eager[1], compiled[1], atol=1e-5, rtol=0)

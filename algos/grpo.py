@@ -1,0 +1,261 @@
+"""GRPO: a clipped per-token policy gradient with group-normalised advantages on completions from pi_theta.
+
+    loss = -mean_i 1/|y_i| sum_t [min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i) - beta * k3_t],   A_i = (r_i - mean) / (std + 1e-4)
+
+Shao et al. 2024 (DeepSeekMath, eq. 3): a group of C completions for each of B / C prompts from pi_theta, proxy
+rewards normalised within the group (unbiased std, as TRL), rho_t = pi_theta / pi_old per token (pi_old: the sampling
+pass). Axes: on-policy sampling YES, sample reuse with T > 1 (the clip bounds it), negative gradient YES (A < 0).
+`--loss-type dr_grpo` (Dr. GRPO, Liu et al. 2025): 1/|y_i| shrinks each token's push-down as a wrong (A < 0) answer
+grows longer, and the std up-weights groups that barely differ; dr_grpo uses r - mean, token sum / (M * max_new_tokens).
+
+Log-probs are sequence sums over response tokens (EOS included, pads never), scored at the sampling
+temperature. k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1 per token; `--beta` 0.04 is GRPO's with a
+learned reward model, as here (TRL defaults to 0 for rule-based rewards). A tied group gets A = 0 exactly.
+
+    python algos/grpo.py --task min_length
+    python algos/grpo.py --task bandit_r1 --num-completions 8 --loss-type dr_grpo --update-epochs 2
+"""
+
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import exact_div, generate, pad_rows, response_logprobs  # noqa: E402
+from tasks import TaskName, make_task  # noqa: E402
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    cuda: bool = False
+    """run on CUDA (falls back to CPU with a warning when there is none)"""
+    compile: bool = False
+    """sample with a static KV cache and a compiled decode step (torch.compile; CUDA graphs on a GPU; compiles on first use)"""
+    threads: int = 1
+    """torch CPU threads (2 threads on a busy 2-core machine are far slower than 1)"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "cleanpref"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
+    task: TaskName = "skew_length"
+    """the task (tasks/): its reference policy, prompts, preference data and rewards"""
+    model: Optional[str] = None
+    """replace the task's reference policy with this Hugging Face causal LM (local path or hub id)"""
+    prompts: Optional[str] = None
+    """replace the task's prompts with this dataset (`prompt`, or AlpacaFarm's `instruction` and `input`):
+    a .json/.jsonl file, a `save_to_disk` directory, or a hub `id[:config][@split]`"""
+    save_model: bool = False
+    """save the policy to runs/{run_name}/model at every evaluation (the last one is the final policy)"""
+    eval_every: int = 10
+    """evaluate on held-out prompts every this many iterations (and at 0 and the end)"""
+    num_eval_prompts: int = 128
+    """held-out prompts per evaluation"""
+
+    # Algorithm 1 (PAPER.md section 2)
+    num_iterations: Optional[int] = None
+    """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
+    batch_size: int = 64
+    """B, samples (completions) per iteration"""
+    num_completions: int = 2
+    """C, completions sampled per prompt (B / C prompts per iteration)"""
+    minibatch_size: int = 16
+    """M, samples per gradient step"""
+    update_epochs: int = 1
+    """T, passes over each batch (sample reuse)"""
+    learning_rate: Optional[float] = None
+    """Adam learning rate; default per task, see TASK_DEFAULTS"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+
+    # Algorithm specific arguments
+    loss_type: Literal["grpo", "dr_grpo"] = "grpo"
+    """grpo: A / std and a per-sequence token mean; dr_grpo (Dr. GRPO): neither"""
+    beta: float = 0.04
+    """weight of the per-token k3 estimate of KL(pi || pi_ref) in the loss; 0 turns it off"""
+    cliprange: float = 0.2
+    """eps: the ratio pi / pi_old is clipped to [1 - eps, 1 + eps]"""
+    missing_eos_penalty: float = 10.0
+    """subtracted from the proxy reward of completions that never emit EOS (the reward model never saw
+    one, so its score there is arbitrary and a policy could exploit it by never stopping); 0 turns it off"""
+
+    # to be filled in runtime
+    num_minibatches: int = 0
+    """B / M"""
+    num_prompts: int = 0
+    """B / C, prompts per iteration"""
+
+
+# tuned on each embedded task (README, "Tuned defaults"); a value given on the command line wins
+TASK_DEFAULTS = {
+    "bandit_r1": dict(num_iterations=100, learning_rate=1e-3),
+    "bandit_r2": dict(num_iterations=100, learning_rate=3e-3),
+    "min_length": dict(num_iterations=60, learning_rate=1e-4),
+    "mode_length": dict(num_iterations=60, learning_rate=1e-4),
+    "skew_length": dict(num_iterations=60, learning_rate=3e-5),
+}
+
+
+def grpo_loss(new_logps, old_logps, ref_logps, advantages, mask, clip, beta, loss_type, max_tokens=None):
+    """GRPO loss from per-token log-probs [N, L] (mask [N, L], True on response tokens) and advantages [N].
+
+    Returns (loss, clipfrac: share of tokens whose clipped term cut the gradient, mean k3). Normalisation: see below.
+    """
+    ratio = torch.exp(new_logps - old_logps)  # [N, L]
+    unclipped, clipped = ratio * advantages[:, None], ratio.clamp(1 - clip, 1 + clip) * advantages[:, None]
+    k3 = torch.exp(ref_logps - new_logps) - (ref_logps - new_logps) - 1  # >= 0, unbiased for KL under pi samples
+    per_token = -(torch.min(unclipped, clipped) - beta * k3) * mask
+    if loss_type == "grpo":  # each sequence's token mean, then the mean over sequences
+        loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).mean()
+    else:  # the token sum over a constant: N * the generation budget (default: the mask's width)
+        loss = per_token.sum() / (mask.shape[0] * (max_tokens or mask.shape[1]))
+    n_tokens = mask.sum().clamp(min=1)
+    return loss, ((clipped < unclipped) & mask).sum() / n_tokens, (k3 * mask).sum().detach() / n_tokens
+
+
+def group_advantages(rewards, loss_type):
+    """[P, C] rewards -> [P, C]: (r - mean) / (std + 1e-4) per prompt for grpo, r - mean for dr_grpo (ties: exactly 0)."""
+    centred = (rewards[:, :, None] - rewards[:, None, :]).mean(2)  # r_i - mean, as a mean of differences: 0 on ties
+    return centred / ((centred.pow(2).sum(1, keepdim=True) / (rewards.shape[1] - 1)).sqrt() + 1e-4) if loss_type == "grpo" else centred
+
+
+@torch.no_grad()
+def evaluate(policy, ref_policy, task, prompts, seed, compile=False):
+    """Sample one response per held-out prompt; gold/proxy reward, length, EOS rate, MC KL(pi || pi_ref)."""
+    queries = pad_rows(prompts, task.pad_token_id, left=True, device=task.device)
+    generator = torch.Generator(task.device).manual_seed(seed)  # the same draws at every evaluation
+    responses, logps = generate(policy, queries, task.pad_token_id, task.eos_token_id, task.max_new_tokens, task.temperature, generator,
+                                compile)
+    ref_logps, mask = response_logprobs(ref_policy, queries, responses, task.pad_token_id, task.eos_token_id, task.temperature)
+    ended = (responses == task.eos_token_id).any(1) if task.eos_token_id is not None else torch.ones_like(mask[:, 0])
+    gold, proxy = task.gold_reward(queries, responses), task.proxy_reward(queries, responses)
+    metrics = {"eval/gold_reward": gold.mean().item(), "eval/proxy_reward": proxy.mean().item(),
+               "eval/response_length": (mask.sum(1) - ended.long() * (task.eos_token_id is not None)).float().mean().item(),
+               "eval/eos_rate": ended.float().mean().item(), "eval/kl_ref": (logps - ref_logps).sum(1).mean().item()}
+    table = [(task.decode(q), task.decode(r), g, p) for q, r, g, p in zip(prompts[:3], responses[:3].tolist(), gold.tolist(), proxy.tolist())]
+    return metrics, table
+
+
+def main(args: Args):
+    for k, v in TASK_DEFAULTS[args.task].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.num_minibatches = exact_div(args.batch_size, args.minibatch_size, "--batch-size / --minibatch-size")
+    args.num_prompts = exact_div(args.batch_size, args.num_completions, "--batch-size / --num-completions")
+    if args.num_completions < 2 or not args.cliprange > 0:
+        raise SystemExit(f"--num-completions must be >= 2 (a group) and --cliprange > 0, got {args.num_completions} and {args.cliprange}")
+    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path("runs") / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, save_code=True)
+    print(f"run {run_name}: {json.dumps(asdict(args))}")
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.threads)
+    if args.cuda and not torch.cuda.is_available():
+        print("warning: --cuda given but no CUDA device is available; running on CPU")
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+    task = make_task(args.task, device, args.model, args.prompts)
+    policy = task.load_policy()
+    ref_policy = task.load_policy().requires_grad_(False)  # frozen pi_ref
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
+    eval_prompts = task.eval_prompts[: args.num_eval_prompts]
+    metrics_file = open(run_dir / "metrics.jsonl", "w")
+    start, samples_seen = time.time(), 0
+
+    def log(iteration, metrics):
+        """Write one row of metrics; at iteration 0, every eval_every and the last, evaluate (and checkpoint) first."""
+        table = None
+        if iteration % args.eval_every == 0 or iteration == args.num_iterations:
+            eval_metrics, table = evaluate(policy, ref_policy, task, eval_prompts, args.seed, args.compile)
+            metrics = {**metrics, **eval_metrics}
+            if args.save_model and iteration > 0:  # a killed run keeps its latest evaluated policy
+                policy.save_pretrained(run_dir / "model")
+                task.tokenizer.save_pretrained(run_dir / "model")
+        row = {"iteration": iteration, "samples": samples_seen, "time_s": round(time.time() - start, 3), **metrics}
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        if args.track:
+            wandb.log(row, step=samples_seen)
+        if table:
+            print(f"iter {iteration:4d} samples {samples_seen:6d} " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("eval/")))
+            for prompt, response, gold, proxy in table:
+                print(f"    gold {gold:7.3f} proxy {proxy:7.3f} | {prompt} -> {response[:100]}")
+
+    # ALGO LOGIC: the train prompts; completions come from the current policy
+    data = task.train_prompts
+    sampler, prompt_sampler = torch.Generator(device).manual_seed(args.seed), torch.Generator().manual_seed(args.seed)
+
+    log(0, {})
+    for iteration in range(1, args.num_iterations + 1):
+        # ALGO LOGIC: draw B / C prompts, sample C completions each from pi_theta, score them, subtract the baseline
+        batch = torch.randint(len(data), (args.num_prompts,), generator=prompt_sampler)  # uniform, with replacement
+        prompts = pad_rows([data[i] for i in batch.tolist()], task.pad_token_id, left=True, device=device)
+        queries = prompts.repeat_interleave(args.num_completions, dim=0)
+        with torch.no_grad():
+            responses, logps = generate(policy, queries, task.pad_token_id, task.eos_token_id, task.max_new_tokens, task.temperature, sampler,
+                                        args.compile)
+            scores = task.proxy_reward(queries, responses)
+            if task.eos_token_id is not None:
+                scores -= args.missing_eos_penalty * (responses != task.eos_token_id).all(1)
+            ref_logps, _ = response_logprobs(ref_policy, queries, responses, task.pad_token_id, task.eos_token_id, task.temperature)
+            kl = (logps - ref_logps).sum(1).view(args.num_prompts, args.num_completions)  # log pi(y|x) - log pi_ref(y|x), [P, C]
+            scores = scores.view(args.num_prompts, args.num_completions)
+            advantages = group_advantages(scores, args.loss_type).flatten()  # [B]
+        samples_seen += args.batch_size
+        metrics = {"train/advantage_mean": advantages.mean().item(), "train/advantage_std": advantages.std(correction=0).item(),
+                   "objective/kl": kl.mean().item(), "objective/proxy_reward": scores.mean().item()}
+        if not advantages.any():  # every prompt's completions tied: nothing to learn from this batch
+            log(iteration, metrics)
+            continue
+
+        # ALGO LOGIC: T passes of minibatch gradient steps over the batch
+        stats = []
+        for epoch in range(args.update_epochs):
+            perm = torch.randperm(args.batch_size)
+            for mb in perm.chunk(args.num_minibatches):
+                policy_logps, mask = response_logprobs(policy, queries[mb], responses[mb], task.pad_token_id, task.eos_token_id, task.temperature)
+                loss, clipfrac, k3 = grpo_loss(policy_logps, logps[mb], ref_logps[mb], advantages[mb], mask, args.cliprange, args.beta,
+                                               args.loss_type, task.max_new_tokens)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                optimizer.step()
+                stats.append([loss.item(), policy_logps.sum(1).mean().item(), grad_norm.item(), clipfrac.item(), k3.item()])
+        s = np.mean(stats, axis=0)
+        metrics.update(zip(["train/loss", "logps/policy", "train/grad_norm", "train/clipfrac", "train/kl"], s.tolist()))
+        log(iteration, metrics)
+
+    metrics_file.close()
+    if args.track:
+        wandb.finish()
+    print(f"done in {time.time() - start:.0f}s: runs/{run_name}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

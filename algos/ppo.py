@@ -1,0 +1,342 @@
+"""PPO: a token-level clipped policy gradient with a learned value model, GAE and an adaptive KL penalty.
+
+    loss = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)),   rho_t = pi(y_t | x, y_<t) / pi_old(y_t | x, y_<t)
+    r_t = -kl_coef * (log pi_old - log pi_ref)(y_t) (+ the proxy reward at the last token),   A = whiten(GAE(r, V; gamma, lambda))
+
+Schulman et al. 2017, for language models as in Ziegler et al. 2019 and Stiennon et al. 2020, written after
+summarize_from_feedback_details (Huang et al. 2024); the study's PPO (Tajwar et al. 2024, PAPER.md section 4).
+Each iteration samples C completions for each of B / C prompts from pi_theta (pi_old: the sampling pass's
+log-probs), scores them with the proxy reward and spreads credit over tokens: a per-token KL penalty, the score
+at the last token, GAE (gamma 1, lambda 0.95) against a value model V, advantages whitened over the batch.
+T passes of M-sized minibatches then minimise the clipped surrogate plus the clipped value loss. Axes: on-policy
+sampling YES, sample reuse with T > 1 (what the clip is for; claim 6), negative gradient YES (A_t < 0).
+
+Log-probs are per token (EOS included, pads never), scored at the sampling temperature; losses are token
+means over the minibatch. V is a separate sequence classifier with one output, initialised from the task's
+proxy reward model where it has one (length tasks), else from pi_ref with a new scalar head (bandits, whose
+proxy is the true reward); V(x, y_<t) is its score head on the hidden state before token t. V has its own Adam
+at the same learning rate, so there is no value-loss coefficient (Adam would undo one). Adaptive KL controller
+(Ziegler et al. 2019): after each batch kl_coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * B / horizon, with KL
+the batch's mean sequence KL, target 6 and horizon 10000 (lm-human-preferences); at 100 x 64 samples it moves
+kl_coef by at most 14%. A completion without EOS loses `--missing-eos-penalty` from its score.
+
+The penalty decides what PPO can reach: on bandit_r1 the KL-regularised optimum pi* ~ pi_ref exp(r / kl_coef)
+at kl_coef 0.02 has E[r] = 0.76 at KL 21.7 (bandit_r2: 0.89 at 9.4), and the default runs end near it (0.71 at
+KL 19; 0.88 at 9), where REINFORCE, with no penalty, reaches 1.0 at KL 52. Departures from
+summarize_from_feedback_details: values are masked with the response mask (it keeps one position more), the
+approx_kl logged is the k3 estimate (CleanRL's), two optimisers instead of one over both models with vf_coef.
+
+    python algos/ppo.py --task min_length
+    python algos/ppo.py --task bandit_r1 --update-epochs 4
+"""
+
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import disable_dropout, exact_div, generate, pad_rows, response_logprobs  # noqa: E402
+from tasks import TaskName, make_task  # noqa: E402
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    cuda: bool = False
+    """run on CUDA (falls back to CPU with a warning when there is none)"""
+    compile: bool = False
+    """sample with a static KV cache and a compiled decode step (torch.compile; CUDA graphs on a GPU; compiles on first use)"""
+    threads: int = 1
+    """torch CPU threads (2 threads on a busy 2-core machine are far slower than 1)"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "cleanpref"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
+    task: TaskName = "skew_length"
+    """the task (tasks/): its reference policy, prompts, preference data and rewards"""
+    model: Optional[str] = None
+    """replace the task's reference policy with this Hugging Face causal LM (local path or hub id)"""
+    prompts: Optional[str] = None
+    """replace the task's prompts with this dataset (`prompt`, or AlpacaFarm's `instruction` and `input`):
+    a .json/.jsonl file, a `save_to_disk` directory, or a hub `id[:config][@split]`"""
+    save_model: bool = False
+    """save the policy to runs/{run_name}/model at every evaluation (the last one is the final policy)"""
+    eval_every: int = 10
+    """evaluate on held-out prompts every this many iterations (and at 0 and the end)"""
+    num_eval_prompts: int = 128
+    """held-out prompts per evaluation"""
+
+    # Algorithm 1 (PAPER.md section 2)
+    num_iterations: Optional[int] = None
+    """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
+    batch_size: int = 64
+    """B, samples (completions) per iteration"""
+    num_completions: int = 2
+    """C, completions sampled per prompt (B / C prompts per iteration)"""
+    minibatch_size: int = 16
+    """M, samples per gradient step"""
+    update_epochs: int = 1
+    """T, passes over each batch (sample reuse)"""
+    learning_rate: Optional[float] = None
+    """Adam learning rate; default per task, see TASK_DEFAULTS"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+
+    # Algorithm specific arguments
+    init_kl_coef: float = 0.02
+    """initial weight of the per-token KL(pi || pi_ref) penalty in the reward (PAPER.md: 0.2 or 0.02)"""
+    adaptive_kl: bool = True
+    """adapt kl_coef towards target_kl (Ziegler et al. 2019); off: kl_coef stays init_kl_coef"""
+    target_kl: float = 6.0
+    """the controller's target for the batch's mean sequence KL(pi || pi_ref), in nats"""
+    kl_horizon: int = 10000
+    """the controller's horizon in samples: the larger, the slower kl_coef moves"""
+    gamma: float = 1.0
+    """GAE discount"""
+    lam: float = 0.95
+    """GAE lambda"""
+    cliprange: float = 0.2
+    """eps: the ratio is clipped to [1 - eps, 1 + eps], the new value to the old one +- eps"""
+    missing_eos_penalty: float = 10.0
+    """subtracted from the proxy reward of completions that never emit EOS (the reward model never saw
+    one, so its score there is arbitrary and a policy could exploit it by never stopping); 0 turns it off"""
+
+    # to be filled in runtime
+    num_minibatches: int = 0
+    """B / M"""
+    num_prompts: int = 0
+    """B / C, prompts per iteration"""
+
+
+# tuned on each embedded task (README, "Tuned defaults"); a value given on the command line wins
+TASK_DEFAULTS = {
+    "bandit_r1": dict(num_iterations=100, learning_rate=3e-4),
+    "bandit_r2": dict(num_iterations=100, learning_rate=1e-3),
+    "min_length": dict(num_iterations=60, learning_rate=1e-3),
+    "mode_length": dict(num_iterations=60, learning_rate=1e-3),
+    "skew_length": dict(num_iterations=60, learning_rate=1e-3),
+}
+
+
+def masked_mean(x, mask):
+    """Mean of x over the True entries of mask (same shape); 0 when there are none."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def compute_gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation over response tokens -> (advantages, returns), [B, L] each, 0 where masked.
+
+    rewards, values: [B, L]; mask: [B, L] bool, a prefix of each row (True up to the response's last token).
+    delta_t = r_t + gamma * V_{t+1} - V_t with V = 0 after the last token; A_t = delta_t + gamma * lam * A_{t+1}.
+    """
+    rewards, values = rewards * mask, values * mask  # pads: no reward, no value, so no delta
+    advantages, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_values = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        last = rewards[:, t] + gamma * next_values - values[:, t] + gamma * lam * last
+        advantages[:, t] = last
+    return advantages * mask, (advantages + values) * mask
+
+
+def ppo_losses(new_logps, old_logps, advantages, new_values, old_values, returns, mask, clip):
+    """PPO's clipped policy and value losses, token means over the mask; every input [B, L].
+
+    Returns (pg_loss, vf_loss, clipfrac: share of tokens whose clipped term is the larger loss, i.e. whose gradient
+    the clip cut, approx_kl: the k3 estimate of KL(pi_old || pi), mean over tokens); the last two detached.
+    """
+    ratio = torch.exp(new_logps - old_logps)
+    pg_losses, pg_losses_clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), mask)
+    values_clipped = old_values + (new_values - old_values).clamp(-clip, clip)
+    vf_loss = 0.5 * masked_mean(torch.max((new_values - returns) ** 2, (values_clipped - returns) ** 2), mask)
+    clipfrac = masked_mean((pg_losses_clipped > pg_losses).float(), mask)
+    approx_kl = masked_mean((ratio - 1) - (new_logps - old_logps), mask)
+    return pg_loss, vf_loss, clipfrac.detach(), approx_kl.detach()
+
+
+def masked_whiten(x, mask):
+    """(x - mean) / std over the True entries of mask, 0 elsewhere."""
+    mean = masked_mean(x, mask)
+    return (x - mean) * torch.rsqrt(masked_mean((x - mean) ** 2, mask) + 1e-8) * mask
+
+
+def load_value_model(task, device):
+    """V: the task's proxy reward model (a sequence classifier with one output) if it has one, else pi_ref with a
+    new scalar head; fp32, dropout off."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # pi_ref has no score head: that it is new is expected, not news
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(task.reward_model_path or task.policy_path, num_labels=1,
+                                                                   dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return disable_dropout(model).to(device).eval()
+
+
+def token_values(value_model, queries, responses, pad_token_id):
+    """V(x, y_<t) at every response position -> [B, Lr] fp32: the score head on the backbone's hidden states,
+    with the attention mask and position ids of common.response_logprobs (left-padded queries)."""
+    ids = torch.cat([queries, responses], dim=1)
+    attn = (ids != pad_token_id).long()
+    hidden = value_model.base_model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0)).last_hidden_state
+    return value_model.score(hidden[:, queries.shape[1] - 1 : -1]).squeeze(-1).float()  # the state before each response token
+
+
+@torch.no_grad()
+def evaluate(policy, ref_policy, task, prompts, seed, compile=False):
+    """Sample one response per held-out prompt; gold/proxy reward, length, EOS rate, MC KL(pi || pi_ref)."""
+    queries = pad_rows(prompts, task.pad_token_id, left=True, device=task.device)
+    generator = torch.Generator(task.device).manual_seed(seed)  # the same draws at every evaluation
+    responses, logps = generate(policy, queries, task.pad_token_id, task.eos_token_id, task.max_new_tokens, task.temperature, generator,
+                                compile)
+    ref_logps, mask = response_logprobs(ref_policy, queries, responses, task.pad_token_id, task.eos_token_id, task.temperature)
+    ended = (responses == task.eos_token_id).any(1) if task.eos_token_id is not None else torch.ones_like(mask[:, 0])
+    gold, proxy = task.gold_reward(queries, responses), task.proxy_reward(queries, responses)
+    metrics = {"eval/gold_reward": gold.mean().item(), "eval/proxy_reward": proxy.mean().item(),
+               "eval/response_length": (mask.sum(1) - ended.long() * (task.eos_token_id is not None)).float().mean().item(),
+               "eval/eos_rate": ended.float().mean().item(), "eval/kl_ref": (logps - ref_logps).sum(1).mean().item()}
+    table = [(task.decode(q), task.decode(r), g, p) for q, r, g, p in zip(prompts[:3], responses[:3].tolist(), gold.tolist(), proxy.tolist())]
+    return metrics, table
+
+
+def main(args: Args):
+    for k, v in TASK_DEFAULTS[args.task].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.num_minibatches = exact_div(args.batch_size, args.minibatch_size, "--batch-size / --minibatch-size")
+    args.num_prompts = exact_div(args.batch_size, args.num_completions, "--batch-size / --num-completions")
+    if not (0 <= args.gamma <= 1 and 0 <= args.lam <= 1):
+        raise SystemExit(f"--gamma and --lam must lie in [0, 1], got {args.gamma} and {args.lam}")
+    if not (args.cliprange > 0 and args.kl_horizon > 0 and args.target_kl > 0):
+        raise SystemExit(f"--cliprange, --kl-horizon and --target-kl must be > 0, got {args.cliprange}, {args.kl_horizon}, {args.target_kl}")
+    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path("runs") / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, save_code=True)
+    print(f"run {run_name}: {json.dumps(asdict(args))}")
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.threads)
+    if args.cuda and not torch.cuda.is_available():
+        print("warning: --cuda given but no CUDA device is available; running on CPU")
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+    task = make_task(args.task, device, args.model, args.prompts)
+    policy = task.load_policy()
+    ref_policy = task.load_policy().requires_grad_(False)  # frozen pi_ref
+    value_model = load_value_model(task, device)  # the critic: trained alongside, by its own optimiser
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
+    value_optimizer = torch.optim.Adam(value_model.parameters(), lr=args.learning_rate)
+    eval_prompts = task.eval_prompts[: args.num_eval_prompts]
+    metrics_file = open(run_dir / "metrics.jsonl", "w")
+    start, samples_seen = time.time(), 0
+
+    def log(iteration, metrics):
+        """Write one row of metrics; at iteration 0, every eval_every and the last, evaluate (and checkpoint) first."""
+        table = None
+        if iteration % args.eval_every == 0 or iteration == args.num_iterations:
+            eval_metrics, table = evaluate(policy, ref_policy, task, eval_prompts, args.seed, args.compile)
+            metrics = {**metrics, **eval_metrics}
+            if args.save_model and iteration > 0:  # a killed run keeps its latest evaluated policy
+                policy.save_pretrained(run_dir / "model")
+                task.tokenizer.save_pretrained(run_dir / "model")
+        row = {"iteration": iteration, "samples": samples_seen, "time_s": round(time.time() - start, 3), **metrics}
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        if args.track:
+            wandb.log(row, step=samples_seen)
+        if table:
+            print(f"iter {iteration:4d} samples {samples_seen:6d} " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("eval/")))
+            for prompt, response, gold, proxy in table:
+                print(f"    gold {gold:7.3f} proxy {proxy:7.3f} | {prompt} -> {response[:100]}")
+
+    # ALGO LOGIC: the train prompts; completions come from the current policy
+    data = task.train_prompts
+    sampler, prompt_sampler = torch.Generator(device).manual_seed(args.seed), torch.Generator().manual_seed(args.seed)
+    kl_coef = args.init_kl_coef
+
+    log(0, {})
+    for iteration in range(1, args.num_iterations + 1):
+        # ALGO LOGIC: draw B / C prompts, sample C completions each from pi_theta, score them, per-token rewards and GAE
+        batch = torch.randint(len(data), (args.num_prompts,), generator=prompt_sampler)  # uniform, with replacement
+        prompts = pad_rows([data[i] for i in batch.tolist()], task.pad_token_id, left=True, device=device)
+        queries = prompts.repeat_interleave(args.num_completions, dim=0)
+        with torch.no_grad():
+            responses, logps = generate(policy, queries, task.pad_token_id, task.eos_token_id, task.max_new_tokens, task.temperature, sampler,
+                                        args.compile)
+            scores = task.proxy_reward(queries, responses)
+            if task.eos_token_id is not None:
+                scores -= args.missing_eos_penalty * (responses != task.eos_token_id).all(1)
+            ref_logps, mask = response_logprobs(ref_policy, queries, responses, task.pad_token_id, task.eos_token_id, task.temperature)
+            values = token_values(value_model, queries, responses, task.pad_token_id) * mask  # V(x, y_<t), [B, L]
+            kl = logps - ref_logps  # per-token log pi_old - log pi_ref, 0 on pads, [B, L]
+            rewards = -kl_coef * kl
+            last = (mask.sum(1) - 1).clamp(min=0)  # each response's last token: its EOS, or where it was cut off
+            rewards[torch.arange(args.batch_size, device=device), last] += scores
+            advantages, returns = compute_gae(rewards, values, mask, args.gamma, args.lam)
+            advantages = masked_whiten(advantages, mask)
+        samples_seen += args.batch_size
+        metrics = {"train/kl_coef": kl_coef, "objective/kl": kl.sum(1).mean().item(), "objective/proxy_reward": scores.mean().item(),
+                   "train/value_mean": masked_mean(values, mask).item(), "train/return_mean": masked_mean(returns, mask).item()}
+        if args.adaptive_kl:  # Ziegler et al. 2019: proportional control of the batch's mean KL towards the target
+            kl_coef *= 1 + float(np.clip(kl.sum(1).mean().item() / args.target_kl - 1, -0.2, 0.2)) * args.batch_size / args.kl_horizon
+
+        # ALGO LOGIC: T passes of minibatch gradient steps over the batch (policy and value model)
+        stats = []
+        for epoch in range(args.update_epochs):
+            perm = torch.randperm(args.batch_size)
+            for mb in perm.chunk(args.num_minibatches):
+                new_logps, _ = response_logprobs(policy, queries[mb], responses[mb], task.pad_token_id, task.eos_token_id, task.temperature)
+                new_values = token_values(value_model, queries[mb], responses[mb], task.pad_token_id)
+                pg_loss, vf_loss, clipfrac, approx_kl = ppo_losses(new_logps, logps[mb], advantages[mb], new_values, values[mb], returns[mb],
+                                                                   mask[mb], args.cliprange)
+                loss = pg_loss + vf_loss  # disjoint parameters: each optimiser sees only its own model's gradient
+                optimizer.zero_grad(set_to_none=True)
+                value_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                value_optimizer.step()
+                stats.append([loss.item(), pg_loss.item(), vf_loss.item(), new_logps.sum(1).mean().item(), grad_norm.item(),
+                              clipfrac.item(), approx_kl.item()])
+        s = np.mean(stats, axis=0)
+        metrics.update(zip(["train/loss", "train/policy_loss", "train/value_loss", "logps/policy", "train/grad_norm",
+                            "train/clipfrac", "train/approx_kl"], s.tolist()))
+        log(iteration, metrics)
+
+    metrics_file.close()
+    if args.track:
+        wandb.finish()
+    print(f"done in {time.time() - start:.0f}s: runs/{run_name}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

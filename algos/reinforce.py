@@ -1,0 +1,255 @@
+"""REINFORCE: policy gradient with a baseline on completions sampled from the current policy.
+
+    loss = -A * log pi(y|x),   A = clip(r - b, -10, 10),   r = proxy reward - kl_coef * (log pi(y|x) - log pi_ref(y|x))
+
+Williams 1992; the study's REINFORCE (Tajwar et al. 2024, PAPER.md section 4), with RLOO's leave-one-out
+baseline (Ahmadian et al. 2024) or a moving average. Each iteration samples C completions for each of
+B / C prompts from pi_theta and scores them with the proxy reward. Axes: on-policy sampling YES, sample
+reuse only with T > 1 (stale samples reused as if fresh: no importance ratio), negative gradient YES (A < 0).
+
+Log-probs are sequence sums over response tokens (EOS included, pads never), scored at the sampling
+temperature. `--kl-coef` penalises each sample's log-ratio (sampling-pass log-probs, no gradient) as RLOO
+does; the study's REINFORCE has none (default 0). A tied group gets A = 0; an all-tied batch is a logged skip.
+
+    python algos/reinforce.py --task min_length
+    python algos/reinforce.py --task bandit_r1 --baseline moving_average --kl-coef 0.05
+"""
+
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import exact_div, generate, pad_rows, response_logprobs  # noqa: E402
+from tasks import TaskName, make_task  # noqa: E402
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    cuda: bool = False
+    """run on CUDA (falls back to CPU with a warning when there is none)"""
+    compile: bool = False
+    """sample with a static KV cache and a compiled decode step (torch.compile; CUDA graphs on a GPU; compiles on first use)"""
+    threads: int = 1
+    """torch CPU threads (2 threads on a busy 2-core machine are far slower than 1)"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "cleanpref"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
+    task: TaskName = "skew_length"
+    """the task (tasks/): its reference policy, prompts, preference data and rewards"""
+    model: Optional[str] = None
+    """replace the task's reference policy with this Hugging Face causal LM (local path or hub id)"""
+    prompts: Optional[str] = None
+    """replace the task's prompts with this dataset (`prompt`, or AlpacaFarm's `instruction` and `input`):
+    a .json/.jsonl file, a `save_to_disk` directory, or a hub `id[:config][@split]`"""
+    save_model: bool = False
+    """save the policy to runs/{run_name}/model at every evaluation (the last one is the final policy)"""
+    eval_every: int = 10
+    """evaluate on held-out prompts every this many iterations (and at 0 and the end)"""
+    num_eval_prompts: int = 128
+    """held-out prompts per evaluation"""
+
+    # Algorithm 1 (PAPER.md section 2)
+    num_iterations: Optional[int] = None
+    """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
+    batch_size: int = 64
+    """B, samples (completions) per iteration"""
+    num_completions: int = 2
+    """C, completions sampled per prompt (B / C prompts per iteration)"""
+    minibatch_size: int = 16
+    """M, samples per gradient step"""
+    update_epochs: int = 1
+    """T, passes over each batch (sample reuse)"""
+    learning_rate: Optional[float] = None
+    """Adam learning rate; default per task, see TASK_DEFAULTS"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+
+    # Algorithm specific arguments
+    baseline: Literal["rloo", "moving_average"] = "rloo"
+    """b: the mean reward of the prompt's other C - 1 completions, or a moving average (decay 0.9) of earlier batches' means"""
+    kl_coef: float = 0.0
+    """the reward is r - kl_coef * (log pi(y|x) - log pi_ref(y|x)); 0 turns the KL penalty off"""
+    missing_eos_penalty: float = 10.0
+    """subtracted from the proxy reward of completions that never emit EOS (the reward model never saw
+    one, so its score there is arbitrary and a policy could exploit it by never stopping); 0 turns it off"""
+
+    # to be filled in runtime
+    num_minibatches: int = 0
+    """B / M"""
+    num_prompts: int = 0
+    """B / C, prompts per iteration"""
+
+
+# tuned on each embedded task (README, "Tuned defaults"); a value given on the command line wins
+TASK_DEFAULTS = {
+    "bandit_r1": dict(num_iterations=100, learning_rate=1e-2),
+    "bandit_r2": dict(num_iterations=100, learning_rate=1e-2),
+    "min_length": dict(num_iterations=60, learning_rate=1e-3),
+    "mode_length": dict(num_iterations=60, learning_rate=1e-3),
+    "skew_length": dict(num_iterations=60, learning_rate=3e-4),
+}
+
+
+def reinforce_loss(policy_logps, advantages):
+    """Per-sample REINFORCE losses -A * log pi(y|x) from sequence log-probs [B] and advantages [B] -> [B].
+
+    The advantages are constants (detached): the gradient is -A * grad log pi(y|x).
+    """
+    return -advantages.detach() * policy_logps
+
+
+def rloo_advantages(rewards):
+    """[P, C] rewards -> [P, C] r_i - mean of the other C - 1, as the mean difference r_i - r_j (exactly 0 on ties)."""
+    return (rewards[:, :, None] - rewards[:, None, :]).sum(2) / (rewards.shape[1] - 1)
+
+
+@torch.no_grad()
+def evaluate(policy, ref_policy, task, prompts, seed, compile=False):
+    """Sample one response per held-out prompt; gold/proxy reward, length, EOS rate, MC KL(pi || pi_ref)."""
+    queries = pad_rows(prompts, task.pad_token_id, left=True, device=task.device)
+    generator = torch.Generator(task.device).manual_seed(seed)  # the same draws at every evaluation
+    responses, logps = generate(policy, queries, task.pad_token_id, task.eos_token_id, task.max_new_tokens, task.temperature, generator,
+                                compile)
+    ref_logps, mask = response_logprobs(ref_policy, queries, responses, task.pad_token_id, task.eos_token_id, task.temperature)
+    ended = (responses == task.eos_token_id).any(1) if task.eos_token_id is not None else torch.ones_like(mask[:, 0])
+    gold, proxy = task.gold_reward(queries, responses), task.proxy_reward(queries, responses)
+    metrics = {"eval/gold_reward": gold.mean().item(), "eval/proxy_reward": proxy.mean().item(),
+               "eval/response_length": (mask.sum(1) - ended.long() * (task.eos_token_id is not None)).float().mean().item(),
+               "eval/eos_rate": ended.float().mean().item(), "eval/kl_ref": (logps - ref_logps).sum(1).mean().item()}
+    table = [(task.decode(q), task.decode(r), g, p) for q, r, g, p in zip(prompts[:3], responses[:3].tolist(), gold.tolist(), proxy.tolist())]
+    return metrics, table
+
+
+def main(args: Args):
+    for k, v in TASK_DEFAULTS[args.task].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.num_minibatches = exact_div(args.batch_size, args.minibatch_size, "--batch-size / --minibatch-size")
+    args.num_prompts = exact_div(args.batch_size, args.num_completions, "--batch-size / --num-completions")
+    if args.baseline == "rloo" and args.num_completions < 2:
+        raise SystemExit(f"--num-completions must be >= 2 for --baseline rloo (the other completions' mean), got {args.num_completions}")
+    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path("runs") / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, save_code=True)
+    print(f"run {run_name}: {json.dumps(asdict(args))}")
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.threads)
+    if args.cuda and not torch.cuda.is_available():
+        print("warning: --cuda given but no CUDA device is available; running on CPU")
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+    task = make_task(args.task, device, args.model, args.prompts)
+    policy = task.load_policy()
+    ref_policy = task.load_policy().requires_grad_(False)  # frozen pi_ref
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
+    eval_prompts = task.eval_prompts[: args.num_eval_prompts]
+    metrics_file = open(run_dir / "metrics.jsonl", "w")
+    start, samples_seen = time.time(), 0
+
+    def log(iteration, metrics):
+        """Write one row of metrics; at iteration 0, every eval_every and the last, evaluate (and checkpoint) first."""
+        table = None
+        if iteration % args.eval_every == 0 or iteration == args.num_iterations:
+            eval_metrics, table = evaluate(policy, ref_policy, task, eval_prompts, args.seed, args.compile)
+            metrics = {**metrics, **eval_metrics}
+            if args.save_model and iteration > 0:  # a killed run keeps its latest evaluated policy
+                policy.save_pretrained(run_dir / "model")
+                task.tokenizer.save_pretrained(run_dir / "model")
+        row = {"iteration": iteration, "samples": samples_seen, "time_s": round(time.time() - start, 3), **metrics}
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        if args.track:
+            wandb.log(row, step=samples_seen)
+        if table:
+            print(f"iter {iteration:4d} samples {samples_seen:6d} " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("eval/")))
+            for prompt, response, gold, proxy in table:
+                print(f"    gold {gold:7.3f} proxy {proxy:7.3f} | {prompt} -> {response[:100]}")
+
+    # ALGO LOGIC: the train prompts; completions come from the current policy
+    data = task.train_prompts
+    sampler, prompt_sampler = torch.Generator(device).manual_seed(args.seed), torch.Generator().manual_seed(args.seed)
+    moving_average = None
+
+    log(0, {})
+    for iteration in range(1, args.num_iterations + 1):
+        # ALGO LOGIC: draw B / C prompts, sample C completions each from pi_theta, score them, subtract the baseline
+        batch = torch.randint(len(data), (args.num_prompts,), generator=prompt_sampler)  # uniform, with replacement
+        prompts = pad_rows([data[i] for i in batch.tolist()], task.pad_token_id, left=True, device=device)
+        queries = prompts.repeat_interleave(args.num_completions, dim=0)
+        with torch.no_grad():
+            responses, logps = generate(policy, queries, task.pad_token_id, task.eos_token_id, task.max_new_tokens, task.temperature, sampler,
+                                        args.compile)
+            scores = task.proxy_reward(queries, responses)
+            if task.eos_token_id is not None:
+                scores -= args.missing_eos_penalty * (responses != task.eos_token_id).all(1)
+            ref_logps, _ = response_logprobs(ref_policy, queries, responses, task.pad_token_id, task.eos_token_id, task.temperature)
+            kl = (logps - ref_logps).sum(1).view(args.num_prompts, args.num_completions)  # log pi(y|x) - log pi_ref(y|x), [P, C]
+            scores = scores.view(args.num_prompts, args.num_completions)
+            rewards = scores - args.kl_coef * kl
+            if args.baseline == "rloo":
+                advantages = rloo_advantages(rewards)
+            else:
+                moving_average = rewards.mean() if moving_average is None else moving_average
+                advantages, moving_average = rewards - moving_average, 0.9 * moving_average + 0.1 * rewards.mean()
+            advantages = advantages.flatten().clamp(-10.0, 10.0)  # [B]
+        samples_seen += args.batch_size
+        metrics = {"train/advantage_mean": advantages.mean().item(), "train/advantage_std": advantages.std(correction=0).item(),
+                   "objective/kl": kl.mean().item(), "objective/proxy_reward": scores.mean().item()}
+        if not advantages.any():  # every prompt's completions tied: nothing to learn from this batch
+            log(iteration, metrics)
+            continue
+
+        # ALGO LOGIC: T passes of minibatch gradient steps over the batch
+        stats = []
+        for epoch in range(args.update_epochs):
+            perm = torch.randperm(args.batch_size)
+            for mb in perm.chunk(args.num_minibatches):
+                policy_logps, mask = response_logprobs(policy, queries[mb], responses[mb], task.pad_token_id, task.eos_token_id, task.temperature)
+                losses = reinforce_loss(policy_logps.sum(1), advantages[mb])
+                loss = losses.mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                optimizer.step()
+                stats.append([loss.item(), policy_logps.sum(1).mean().item(), grad_norm.item()])
+        s = np.mean(stats, axis=0)
+        metrics.update(zip(["train/loss", "logps/policy", "train/grad_norm"], s.tolist()))
+        log(iteration, metrics)
+
+    metrics_file.close()
+    if args.track:
+        wandb.finish()
+    print(f"done in {time.time() - start:.0f}s: runs/{run_name}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
