@@ -47,6 +47,8 @@ class Args:
     """sets `torch.backends.cudnn.deterministic`"""
     cuda: bool = False
     """run on CUDA (falls back to CPU with a warning when there is none)"""
+    compile: bool = False
+    """sample with a static KV cache and a compiled decode step (torch.compile; CUDA graphs on a GPU; compiles on first use)"""
     threads: int = 1
     """torch CPU threads (2 threads on a busy 2-core machine are far slower than 1)"""
     track: bool = False
@@ -134,11 +136,12 @@ def sequence_logprobs(model, task, queries, chosen, rejected):
 
 
 @torch.no_grad()
-def evaluate(policy, ref_policy, task, prompts, seed):
+def evaluate(policy, ref_policy, task, prompts, seed, compile=False):
     """Sample one response per held-out prompt; gold/proxy reward, length, EOS rate, MC KL(pi || pi_ref)."""
     queries = pad_rows(prompts, task.pad_token_id, left=True, device=task.device)
     generator = torch.Generator(task.device).manual_seed(seed)  # the same draws at every evaluation
-    responses, logps = generate(policy, queries, task.pad_token_id, task.eos_token_id, task.max_new_tokens, task.temperature, generator)
+    responses, logps = generate(policy, queries, task.pad_token_id, task.eos_token_id, task.max_new_tokens, task.temperature, generator,
+                                compile)
     ref_logps, mask = response_logprobs(ref_policy, queries, responses, task.pad_token_id, task.eos_token_id, task.temperature)
     ended = (responses == task.eos_token_id).any(1) if task.eos_token_id is not None else torch.ones_like(mask[:, 0])
     gold, proxy = task.gold_reward(queries, responses), task.proxy_reward(queries, responses)
@@ -191,7 +194,7 @@ def main(args: Args):
         """Write one row of metrics; at iteration 0, every eval_every and the last, evaluate (and checkpoint) first."""
         table = None
         if iteration % args.eval_every == 0 or iteration == args.num_iterations:
-            eval_metrics, table = evaluate(policy, ref_policy, task, eval_prompts, args.seed)
+            eval_metrics, table = evaluate(policy, ref_policy, task, eval_prompts, args.seed, args.compile)
             metrics = {**metrics, **eval_metrics}
             if args.save_model and iteration > 0:  # a killed run keeps its latest evaluated policy
                 policy.save_pretrained(run_dir / "model")
@@ -217,7 +220,8 @@ def main(args: Args):
         prompts = pad_rows([data[i] for i in batch.tolist()], task.pad_token_id, left=True, device=device)
         queries = prompts.repeat_interleave(args.num_completions, dim=0)
         with torch.no_grad():
-            responses, _ = generate(policy, queries, task.pad_token_id, task.eos_token_id, task.max_new_tokens, task.temperature, sampler)
+            responses, _ = generate(policy, queries, task.pad_token_id, task.eos_token_id, task.max_new_tokens, task.temperature, sampler,
+                                    args.compile)
             scores = task.proxy_reward(queries, responses)
             if task.eos_token_id is not None:
                 scores -= args.missing_eos_penalty * (responses != task.eos_token_id).all(1)
