@@ -16,7 +16,7 @@ The authors' code is not among the stored repositories; from the paper: samples 
 log-ratio (`eval/kl_ref`'s quantity, not length-normalised). Ours: the k = 2 samples are drawn once per iteration (Algorithm 1's collect
 step), so later minibatch steps use samples a few steps stale, as online_dpo.py does; a leave-one-out baseline (RLOO); samples without
 EOS are scored as truncated; lambda 0.03, tuned once (bandit_r1, lr 3e-3: lambda 0.003/0.01/0.03/0.1/0.3 -> gold 0.12/0.11/0.11/0.07/0.05;
-min_length, lr 1e-3: -0.56/-0.01/0/0/0). At large lr on the length tasks pi settles on the empty response (KL -log pi_ref(EOS) = 4.3).
+min_length, lr 1e-3, recipe v2: -0.56/-0.01/0/0/0). At lr 1e-3 min/skew_length end on the empty response (KL -log pi_ref(EOS) = 4.3).
 
 Log-probs are sequence sums over response tokens (EOS included, pads never), scored at the sampling
 temperature. Deviation from the study's LLM code: that code compares token t of y_w with token t of
