@@ -11,7 +11,7 @@ Log-probs are sequence sums over response tokens (EOS included, pads never), sco
 temperature. Deviation from the study's LLM code: that code compares token t of y_w with token t of
 y_l; here each response's log-probs are summed first, as the paper's equation says.
 IPO's h is that sequence log-ratio, as in its paper and dpo.py: token means (TRL's, `--length-normalize`) ended min_length at gold
--14.9, KL 30 vs -9.2, KL 1.5 (tau 0.1). tau is 0.03, not TRL's 0.1: a 5-nat margin stalls online_ipo at 0.24 on bandit_r1.
+-9.4, KL 10 vs -9.8, KL 1.4 (tau 0.1). tau is 0.03, not TRL's 0.1: a 5-nat margin stalls online_ipo at 0.24 on bandit_r1.
 
     python algos/ipo.py --task skew_length
     python algos/ipo.py --task bandit_r1 --length-normalize --tau 0.1  # as TRL runs IPO

@@ -12,8 +12,8 @@ takes IPO steps against the frozen pi_ref. Axes: on-policy sampling YES, sample 
 Log-probs are sequence sums over response tokens (EOS included, pads never), scored at the sampling
 temperature. Deviation from the study's LLM code: that code compares token t of y_w with token t of
 y_l; here each response's log-probs are summed first, as the paper's equation says.
-IPO's h is that sequence log-ratio, as in its paper and dpo.py: token means (TRL's, `--length-normalize`) ended min_length at gold
--4.0, KL 33 vs -0.6, KL 7 (tau 0.1). tau is 0.03, not TRL's 0.1: a 5-nat margin stalls at 0.24 on bandit_r1 (1.00 at 0.03).
+IPO's h is that sequence log-ratio, as in its paper and dpo.py (token means, TRL's, by `--length-normalize`: on min_length at tau 0.1
+both end at gold 0, KL 4.3). tau is 0.03, not TRL's 0.1: a 5-nat margin stalls at 0.24 on bandit_r1 (1.00 at 0.03).
 
     python algos/online_ipo.py --task skew_length
     python algos/online_ipo.py --task bandit_r1 --length-normalize --tau 0.1  # as TRL runs IPO
