@@ -254,7 +254,7 @@ def main(args: Args):
         with torch.no_grad():
             online_queries = queries.repeat_interleave(k, dim=0)  # [B*k, Lq]: a prompt's k samples adjacent
             online, online_logps = generate(policy, online_queries, task.pad_token_id, task.eos_token_id, task.max_new_tokens,
-                                            task.temperature, sampler)
+                                            task.temperature, sampler, args.compile)
             online_ref, _ = response_logprobs(ref_policy, online_queries, online, task.pad_token_id, task.eos_token_id, task.temperature)
             kl_estimate = (online_logps - online_ref).sum(1).mean().item()  # MC KL(pi || pi_ref) on the batch's prompts
         online_seen += len(online)
