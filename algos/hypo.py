@@ -72,6 +72,17 @@ class Args:
     prompts: Optional[str] = None
     """replace the task's prompts with this dataset (`prompt`, or AlpacaFarm's `instruction` and `input`):
     a .json/.jsonl file, a `save_to_disk` directory, or a hub `id[:config][@split]`"""
+    dataset: Optional[str] = None
+    """replace the task's preference pairs (offline scripts) and train prompts (on-policy scripts) with this dataset: `prompt`,
+    `chosen`, `rejected` as text or chat messages (UltraFeedback binarized), or AlpacaFarm's pairs (tasks/preferences.py)"""
+    reward_model: Optional[str] = None
+    """replace the task's proxy reward with this Hugging Face sequence classifier (one output; local path or hub id)"""
+    gold_reward_model: Optional[str] = None
+    """replace the task's gold reward (eval/gold_reward) with this Hugging Face sequence classifier"""
+    max_prompt_length: Optional[int] = None
+    """--dataset rows: a longer prompt keeps its last this many tokens"""
+    max_length: Optional[int] = None
+    """--dataset rows: prompt + response tokens at most (a longer response is cut and loses its EOS)"""
     save_model: bool = False
     """save the policy to runs/{run_name}/model at every evaluation (the last one is the final policy)"""
     eval_every: int = 10
@@ -168,9 +179,11 @@ def evaluate(policy, ref_policy, task, prompts, seed, compile=False):
 
 
 def main(args: Args):
-    for k, v in TASK_DEFAULTS[args.task].items():
+    for k, v in TASK_DEFAULTS.get(args.task, {}).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.num_iterations is None or args.learning_rate is None:  # the real tasks have no tuned defaults
+        raise SystemExit(f"--task {args.task} has no tuned defaults: pass --num-iterations and --learning-rate")
     args.num_minibatches = exact_div(args.batch_size, args.minibatch_size, "--batch-size / --minibatch-size")
     if not args.beta > 0 or args.kl_coef < 0 or args.num_online_samples < 2:
         raise SystemExit(f"need --beta > 0, --kl-coef >= 0 and --num-online-samples >= 2 (the leave-one-out baseline), got "
@@ -195,7 +208,8 @@ def main(args: Args):
         print("warning: --cuda given but no CUDA device is available; running on CPU")
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
-    task = make_task(args.task, device, args.model, args.prompts)
+    task = make_task(args.task, device, args.model, args.prompts, args.dataset, args.reward_model, args.gold_reward_model,
+                     args.max_prompt_length, args.max_length)
     policy = task.load_policy()
     ref_policy = task.load_policy().requires_grad_(False)  # frozen pi_ref
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
