@@ -439,6 +439,12 @@ def claims(quick: bool):
             lines.append(f"{'':12s} best reward per sample: " + ", ".join(f"{n} {auc[n]}" for n in by_auc[:4]))
             ok = by_final[0] in ("online_dpo", "online_ipo") or by_auc[0] in ("online_dpo", "online_ipo")
             checks.append((f"{t}: online_dpo or online_ipo ranks first by final reward or by reward per sample", ok))
+        present = [n for n in methods5 if script_exists(n.split()[0])]
+        lines += ["", "final gold reward (KL(pi || pi_ref)) of every objective at its defaults, mean +- std over seeds:",
+                  "| objective | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+        for n in present:
+            cells = [f"{res.stat(arm_of(n, t))} ({res.stat(arm_of(n, t), key='eval/kl_ref').mean:.2g})" for t in TASKS]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
         return lines, checks
 
     def plot5(res, path):
@@ -658,8 +664,10 @@ def run_claims(args: Args, out: Path, figures: Path):
                       ("\n" if checks else "") + "\n".join(f"  [{'x' if ok else ' '}] {text}" for text, ok in checks))
         summary.append({"claim": c.number, "title": c.title, "verdict": verdict, "checks": [[t, bool(ok)] for t, ok in checks],
                         "numbers": lines})
+    run_s = sum(json.loads((out / r.key / "done.json").read_text()).get("wall_s", 0.0) for r in set(runs) if launcher.done(r))
     header = (f"# cleanpref study: {len(chosen)} claims, seeds {seeds}{' (quick)' if args.quick else ''}, "
-              f"{len(set(runs))} runs, {time.time() - start:.0f} s this invocation\n")
+              f"{len(set(runs))} runs, {time.time() - start:.0f} s this invocation; the runs took {run_s / 60:.1f} min "
+              f"one after another ({run_s / 60 / args.workers:.1f} min at {args.workers} workers)\n")
     table = "\n| claim | verdict | checks passed |\n|---|---|---|\n" + "\n".join(
         f"| {s['claim']}. {s['title']} | {s['verdict']} | {sum(ok for _, ok in s['checks'])}/{len(s['checks'])} |" for s in summary)
     text = header + table + "\n" + "\n".join(report) + "\n"

@@ -15,6 +15,7 @@ queries are left-padded [B, Lq], responses right-padded [B, Lr] (pad after EOS),
 Artifacts live under $CLEANPREF_CACHE (default ~/.cache/cleanpref), one directory per recipe hash.
 """
 
+import fcntl
 import hashlib
 import json
 import os
@@ -99,32 +100,32 @@ def cached(kind: str, recipe: dict, build: Callable[[Path], dict]) -> Path:
 
     The build writes into a temporary sibling directory that is renamed into place only when complete
     (with a manifest of sha256 digests), so a killed build never leaves a cache that loads, and a
-    cache whose files were changed or removed is detected and rebuilt.
+    cache whose files were changed or removed is detected and rebuilt. A lock file per artifact makes
+    concurrent processes (the study's workers, parallel test workers) wait for one build, not repeat it.
     """
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     final = root / f"{kind}-{key}"
-    if final.exists():
-        if _intact(final):
-            return final
-        print(f"[cleanpref] cache {final} is damaged or partial: rebuilding it")
-        shutil.rmtree(final, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".building-{kind}-"))
-    print(f"[cleanpref] building {kind} (first use: trains what it needs, then loads from {root})", flush=True)
-    try:
-        start = time.time()
-        with torch.random.fork_rng():  # builds seed themselves; a run must not depend on whether its cache was warm
-            summary = build(tmp)
-        files = {str(p.relative_to(tmp)): _digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / "manifest.json").write_text(json.dumps({"recipe": recipe, "summary": summary, "files": files}, indent=1))
+    with open(root / f".{kind}-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if final.exists():
+            if _intact(final):
+                return final
+            print(f"[cleanpref] cache {final} is damaged or partial: rebuilding it")
+            shutil.rmtree(final, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".building-{kind}-"))
+        print(f"[cleanpref] building {kind} (first use: trains what it needs, then loads from {root})", flush=True)
         try:
+            start = time.time()
+            with torch.random.fork_rng():  # builds seed themselves; a run must not depend on whether its cache was warm
+                summary = build(tmp)
+            files = {str(p.relative_to(tmp)): _digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            (tmp / "manifest.json").write_text(json.dumps({"recipe": recipe, "summary": summary, "files": files}, indent=1))
             os.rename(tmp, final)
-        except OSError:  # another process finished the same build first
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            raise
     stats = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
     print(f"[cleanpref] built {kind} in {time.time() - start:.0f}s -> {final} ({stats})")
     return final

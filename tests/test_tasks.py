@@ -1,6 +1,9 @@
 """Embedded tasks: the worlds have the geometry the study needs, rewards are right, the cache is safe."""
 
 import json
+import os
+import subprocess
+import sys
 
 import datasets
 import numpy as np
@@ -8,6 +11,7 @@ import pytest
 import torch
 
 from common import generate, pad_rows
+from conftest import ROOT
 from tasks import _with_pad_token, cache_root, cached, load_rows, make_task, prompt_text
 from tasks.bandit import PAD, bandit_reward, pi_data
 from tasks.length import gold_length_reward, skew_truncate
@@ -157,7 +161,20 @@ def test_killed_build_leaves_nothing_that_loads(monkeypatch, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         cached("toy", {"v": 1}, dies)
-    assert list(cache_root().iterdir()) == []
+    assert [p.name for p in cache_root().iterdir() if p.suffix != ".lock"] == []
+
+
+def test_concurrent_processes_build_once(tmp_path):
+    # the study's workers and parallel test workers start on a cold cache together: one builds, the others wait and load
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from tasks import cached\n"
+            "def build(out):\n    open(sys.argv[2], 'a').write('built\\n'); time.sleep(1.0); (out / 'a').write_text('x'); return {}\n"
+            "print(cached('toy', {'v': 1}, build))")
+    env = dict(os.environ, CLEANPREF_CACHE=str(tmp_path / "cache"))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(tmp_path / "log")], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate()[0].strip().splitlines()[-1] for p in procs]
+    assert all(p.returncode == 0 for p in procs) and len(set(outs)) == 1
+    assert (tmp_path / "log").read_text() == "built\n"
 
 
 def test_bad_input_is_one_line(tmp_path):
