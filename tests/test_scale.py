@@ -18,7 +18,7 @@ SIZES = ["--batch-size", "16", "--minibatch-size", "4", "--num-eval-prompts", "1
 
 def torchrun(script, cwd, *args, nproc=2):
     """algos/{script}.py on `nproc` CPU processes (gloo), one thread each; the CompletedProcess."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            str(ROOT / "algos" / f"{script}.py"), *args]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
 
@@ -131,6 +131,6 @@ def test_fsdp_two_processes(tmp_path):
 
 def test_bf16_autocast_runs_on_cpu(tmp_path):
     """The CPU twin of --bf16 --cuda: forward passes under bf16 autocast, fp32 weights, finite metrics that move."""
-    _, rows = train("dpo", tmp_path, "--task", "bandit_r1", "--num-iterations", "2", "--eval-every", "1", "--bf16", *SIZES)
+    _, rows = train("dpo", tmp_path, "bandit_r1", "--num-iterations", "2", "--eval-every", "1", "--bf16", *SIZES)
     assert all(torch.isfinite(torch.tensor(v)) for r in rows for v in r.values())
     assert rows[-1]["train/loss"] != rows[1]["train/loss"]
