@@ -125,8 +125,8 @@ def test_fsdp_two_processes(tmp_path):
     (a,), (b,) = ((tmp_path / d / "runs").iterdir() for d in ("one", "two"))
     ref, sharded = (AutoModelForCausalLM.from_pretrained(d / "model").state_dict() for d in (a, b))
     assert ref.keys() == sharded.keys()
-    for k in ref:
-        torch.testing.assert_close(sharded[k], ref[k], rtol=1e-4, atol=1e-5)
+    for k in ref:  # 2 Adam steps of lr 1e-3 move weights by ~2e-3; float reduction order moved a few by up to 1.6e-5 (measured)
+        torch.testing.assert_close(sharded[k], ref[k], rtol=0, atol=1e-4)
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path):
