@@ -1,0 +1,295 @@
+"""HyPO: DPO on a fixed preference dataset plus an online reverse-KL penalty on fresh samples from pi_theta.
+
+    loss = DPO(offline pairs) + lambda * KL(pi || pi_ref),   KL estimated on k samples y ~ pi(.|x) per offline prompt x
+    grad KL ~= mean_i (r_i - mean_{j != i} r_j) * grad log pi(y_i|x),   r = stop-gradient(log pi(y|x) - log pi_ref(y|x))
+
+Song, Swamy, Singh, Bagnell, Sun 2024 ("The Importance of Online Data: Understanding Preference Fine-tuning via Coverage"),
+Algorithm 1: dpo.py's step plus a REINFORCE estimate of the gradient of KL(pi || pi_ref) whose "reward" is the sequence log-ratio,
+on unlabelled samples that pi_theta draws for the prompts of the offline batch. No reward model, no critic: the only online signal is
+the policy itself. DPO's implicit KL penalty acts only on the data; this one acts where pi puts mass (claim 9). Axes: on-policy
+sampling for the KL term only (the pairs were collected once, from pi_ref; their
+reference log-probs are computed once, before training), sample reuse YES (the pairs come back every
+pass over the dataset; `--update-epochs` T > 1 reuses each batch), negative gradient YES. `samples` counts offline pairs
+(B per iteration, as dpo.py); `train/online_samples` the B * k policy samples drawn so far.
+
+The authors' code is not among the stored repositories; from the paper: samples for the offline batch's prompts, the KL as the sequence
+log-ratio (`eval/kl_ref`'s quantity, not length-normalised). Ours: the k = 2 samples are drawn once per iteration (Algorithm 1's collect
+step), so later minibatch steps use samples a few steps stale, as online_dpo.py does; a leave-one-out baseline (RLOO); samples without
+EOS are scored as truncated; lambda 0.03, tuned once (bandit_r1, lr 3e-3: lambda 0.003/0.01/0.03/0.1/0.3 -> gold 0.12/0.11/0.11/0.07/0.05;
+min_length, lr 1e-3, recipe v2: -0.56/-0.01/0/0/0). At lr 1e-3 min/skew_length end on the empty response (KL -log pi_ref(EOS) = 4.3).
+
+Log-probs are sequence sums over response tokens (EOS included, pads never), scored at the sampling
+temperature. Deviation from the study's LLM code: that code compares token t of y_w with token t of
+y_l; here each response's log-probs are summed first, as the paper's equation says.
+
+    python algos/hypo.py --task skew_length
+    python algos/hypo.py --task min_length --kl-coef 0.1 --num-online-samples 4
+"""
+
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import exact_div, generate, pad_rows, response_logprobs  # noqa: E402
+from tasks import TaskName, make_task  # noqa: E402
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    cuda: bool = False
+    """run on CUDA (falls back to CPU with a warning when there is none)"""
+    compile: bool = False
+    """sample with a static KV cache and a compiled decode step (torch.compile; CUDA graphs on a GPU; compiles on first use)"""
+    threads: int = 1
+    """torch CPU threads (2 threads on a busy 2-core machine are far slower than 1)"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "cleanpref"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
+    task: TaskName = "skew_length"
+    """the task (tasks/): its reference policy, prompts, preference data and rewards"""
+    model: Optional[str] = None
+    """replace the task's reference policy with this Hugging Face causal LM (local path or hub id)"""
+    prompts: Optional[str] = None
+    """replace the task's prompts with this dataset (`prompt`, or AlpacaFarm's `instruction` and `input`):
+    a .json/.jsonl file, a `save_to_disk` directory, or a hub `id[:config][@split]`"""
+    save_model: bool = False
+    """save the policy to runs/{run_name}/model at every evaluation (the last one is the final policy)"""
+    eval_every: int = 10
+    """evaluate on held-out prompts every this many iterations (and at 0 and the end)"""
+    num_eval_prompts: int = 128
+    """held-out prompts per evaluation"""
+
+    # Algorithm 1 (PAPER.md section 2)
+    num_iterations: Optional[int] = None
+    """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
+    batch_size: int = 64
+    """B, samples (preference pairs) per iteration"""
+    minibatch_size: int = 16
+    """M, samples per gradient step"""
+    update_epochs: int = 1
+    """T, passes over each batch (sample reuse)"""
+    learning_rate: Optional[float] = None
+    """Adam learning rate; default per task, see TASK_DEFAULTS"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+
+    # Algorithm specific arguments
+    beta: float = 0.1
+    """DPO's inverse temperature: the strength of the implicit KL(pi || pi_ref) penalty"""
+    kl_coef: float = 0.03
+    """lambda, the weight of the online KL(pi || pi_ref) term (0 turns it off: dpo.py's updates)"""
+    num_online_samples: int = 2
+    """k, samples drawn from pi_theta per offline prompt each iteration (>= 2 for the leave-one-out baseline)"""
+
+    # to be filled in runtime
+    num_minibatches: int = 0
+    """B / M"""
+
+
+# tuned on each embedded task (README, "Tuned defaults"); a value given on the command line wins
+TASK_DEFAULTS = {
+    "bandit_r1": dict(num_iterations=100, learning_rate=3e-3),
+    "bandit_r2": dict(num_iterations=100, learning_rate=1e-4),
+    "min_length": dict(num_iterations=60, learning_rate=1e-3),
+    "mode_length": dict(num_iterations=60, learning_rate=1e-4),
+    "skew_length": dict(num_iterations=60, learning_rate=1e-3),
+}
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """Per-pair DPO losses from sequence log-probs, all [P]. Returns (losses, chosen_rewards, rejected_rewards), [P] each.
+
+    The implicit rewards beta * (log pi - log pi_ref) are returned detached, for logging.
+    """
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def hypo_kl_loss(policy_logps, ref_logps, k):
+    """Per-sample surrogate of KL(pi || pi_ref) from sequence log-probs of k samples per prompt, [P*k] each (a prompt's
+    k samples adjacent). Returns (losses, log_ratios), [P*k] each.
+
+    Gradient: (r_i - mean_{j != i} r_j) * grad log pi(y_i|x) with r = log pi - log pi_ref detached, an unbiased estimate of
+    grad KL = E[r grad log pi] (the baseline does not depend on y_i). Value: r_i, the Monte-Carlo estimate of the KL.
+    """
+    log_ratios = (policy_logps - ref_logps).detach().view(-1, k)  # [P, k]
+    baseline = (log_ratios.sum(1, keepdim=True) - log_ratios) / (k - 1)  # leave-one-out mean of the other k - 1
+    advantages = (log_ratios - baseline).view(-1)
+    losses = advantages * (policy_logps - policy_logps.detach()) + log_ratios.view(-1)
+    return losses, log_ratios.view(-1)
+
+
+def sequence_logprobs(model, task, queries, chosen, rejected):
+    """Summed response log-probs of chosen and rejected in one forward pass -> ([P], [P])."""
+    width = max(chosen.shape[1], rejected.shape[1])  # right-pad both to one width
+    chosen, rejected = (torch.nn.functional.pad(y, (0, width - y.shape[1]), value=task.pad_token_id) for y in (chosen, rejected))
+    logps, _ = response_logprobs(model, torch.cat([queries, queries]), torch.cat([chosen, rejected]),
+                                 task.pad_token_id, task.eos_token_id, task.temperature)
+    return logps.sum(1).chunk(2)
+
+
+@torch.no_grad()
+def evaluate(policy, ref_policy, task, prompts, seed, compile=False):
+    """Sample one response per held-out prompt; gold/proxy reward, length, EOS rate, MC KL(pi || pi_ref)."""
+    queries = pad_rows(prompts, task.pad_token_id, left=True, device=task.device)
+    generator = torch.Generator(task.device).manual_seed(seed)  # the same draws at every evaluation
+    responses, logps = generate(policy, queries, task.pad_token_id, task.eos_token_id, task.max_new_tokens, task.temperature, generator,
+                                compile)
+    ref_logps, mask = response_logprobs(ref_policy, queries, responses, task.pad_token_id, task.eos_token_id, task.temperature)
+    ended = (responses == task.eos_token_id).any(1) if task.eos_token_id is not None else torch.ones_like(mask[:, 0])
+    gold, proxy = task.gold_reward(queries, responses), task.proxy_reward(queries, responses)
+    metrics = {"eval/gold_reward": gold.mean().item(), "eval/proxy_reward": proxy.mean().item(),
+               "eval/response_length": (mask.sum(1) - ended.long() * (task.eos_token_id is not None)).float().mean().item(),
+               "eval/eos_rate": ended.float().mean().item(), "eval/kl_ref": (logps - ref_logps).sum(1).mean().item()}
+    table = [(task.decode(q), task.decode(r), g, p) for q, r, g, p in zip(prompts[:3], responses[:3].tolist(), gold.tolist(), proxy.tolist())]
+    return metrics, table
+
+
+def main(args: Args):
+    for k, v in TASK_DEFAULTS[args.task].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.num_minibatches = exact_div(args.batch_size, args.minibatch_size, "--batch-size / --minibatch-size")
+    if not args.beta > 0 or args.kl_coef < 0 or args.num_online_samples < 2:
+        raise SystemExit(f"need --beta > 0, --kl-coef >= 0 and --num-online-samples >= 2 (the leave-one-out baseline), got "
+                         f"{args.beta}, {args.kl_coef} and {args.num_online_samples}")
+    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path("runs") / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, save_code=True)
+    print(f"run {run_name}: {json.dumps(asdict(args))}")
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.threads)
+    if args.cuda and not torch.cuda.is_available():
+        print("warning: --cuda given but no CUDA device is available; running on CPU")
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+    task = make_task(args.task, device, args.model, args.prompts)
+    policy = task.load_policy()
+    ref_policy = task.load_policy().requires_grad_(False)  # frozen pi_ref
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
+    eval_prompts = task.eval_prompts[: args.num_eval_prompts]
+    metrics_file = open(run_dir / "metrics.jsonl", "w")
+    start, samples_seen, online_seen = time.time(), 0, 0
+
+    def log(iteration, metrics):
+        """Write one row of metrics; at iteration 0, every eval_every and the last, evaluate (and checkpoint) first."""
+        table = None
+        if iteration % args.eval_every == 0 or iteration == args.num_iterations:
+            eval_metrics, table = evaluate(policy, ref_policy, task, eval_prompts, args.seed, args.compile)
+            metrics = {**metrics, **eval_metrics}
+            if args.save_model and iteration > 0:  # a killed run keeps its latest evaluated policy
+                policy.save_pretrained(run_dir / "model")
+                task.tokenizer.save_pretrained(run_dir / "model")
+        row = {"iteration": iteration, "samples": samples_seen, "time_s": round(time.time() - start, 3), **metrics}
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        if args.track:
+            wandb.log(row, step=samples_seen)
+        if table:
+            print(f"iter {iteration:4d} samples {samples_seen:6d} " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("eval/")))
+            for prompt, response, gold, proxy in table:
+                print(f"    gold {gold:7.3f} proxy {proxy:7.3f} | {prompt} -> {response[:100]}")
+
+    # ALGO LOGIC: the fixed offline pairs, with reference log-probs computed once
+    data = task.preference_data
+    with torch.no_grad():
+        ref_logps = []
+        for s in range(0, len(data), 64):
+            rows = data[s : s + 64]
+            q = pad_rows(rows["prompt_ids"], task.pad_token_id, left=True, device=device)
+            c = pad_rows(rows["chosen_ids"], task.pad_token_id, left=False, device=device)
+            r = pad_rows(rows["rejected_ids"], task.pad_token_id, left=False, device=device)
+            ref_logps.append(torch.stack(sequence_logprobs(ref_policy, task, q, c, r), 1))
+        ref_logps = torch.cat(ref_logps)  # [N, 2]: chosen, rejected
+    order, cursor = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed)), 0
+    sampler, k = torch.Generator(device).manual_seed(args.seed), args.num_online_samples
+
+    log(0, {})
+    for iteration in range(1, args.num_iterations + 1):
+        # ALGO LOGIC: draw B pairs from the fixed dataset (a fresh shuffle after each pass)
+        if cursor + args.batch_size > len(data):
+            order, cursor = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed + iteration)), 0
+        batch, cursor = order[cursor : cursor + args.batch_size], cursor + args.batch_size
+        rows = data[batch.tolist()]
+        queries = pad_rows(rows["prompt_ids"], task.pad_token_id, left=True, device=device)
+        chosen = pad_rows(rows["chosen_ids"], task.pad_token_id, left=False, device=device)
+        rejected = pad_rows(rows["rejected_ids"], task.pad_token_id, left=False, device=device)
+        batch_ref = ref_logps[batch.to(device)]
+        n_pairs = len(batch)
+        samples_seen += n_pairs
+
+        # ALGO LOGIC: k unlabelled samples from pi_theta for each prompt of the batch, with their reference log-probs
+        with torch.no_grad():
+            online_queries = queries.repeat_interleave(k, dim=0)  # [B*k, Lq]: a prompt's k samples adjacent
+            online, online_logps = generate(policy, online_queries, task.pad_token_id, task.eos_token_id, task.max_new_tokens,
+                                            task.temperature, sampler, args.compile)
+            online_ref, _ = response_logprobs(ref_policy, online_queries, online, task.pad_token_id, task.eos_token_id, task.temperature)
+            kl_estimate = (online_logps - online_ref).sum(1).mean().item()  # MC KL(pi || pi_ref) on the batch's prompts
+        online_seen += len(online)
+
+        # ALGO LOGIC: T passes of minibatch gradient steps over the batch
+        stats = []
+        for epoch in range(args.update_epochs):
+            perm = torch.randperm(n_pairs)
+            for mb in perm.chunk(args.num_minibatches):
+                chosen_logps, rejected_logps = sequence_logprobs(policy, task, queries[mb], chosen[mb], rejected[mb])
+                losses, chosen_rewards, rejected_rewards = dpo_loss(chosen_logps, rejected_logps, batch_ref[mb, 0], batch_ref[mb, 1], args.beta)
+                rows_k = (mb[:, None] * k + torch.arange(k)).view(-1).to(device)  # the online samples of these prompts
+                policy_logps, _ = response_logprobs(policy, online_queries[rows_k], online[rows_k], task.pad_token_id, task.eos_token_id,
+                                                    task.temperature)
+                kl_losses, _ = hypo_kl_loss(policy_logps.sum(1), online_ref[rows_k].sum(1), k)
+                kl_loss = args.kl_coef * kl_losses.mean()
+                loss = losses.mean() + kl_loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                optimizer.step()
+                stats.append([loss.item(), chosen_logps.mean().item(), rejected_logps.mean().item(),
+                              (chosen_rewards - rejected_rewards).mean().item(), (chosen_rewards > rejected_rewards).float().mean().item(),
+                              chosen_rewards.mean().item(), rejected_rewards.mean().item(), grad_norm.item(), kl_loss.item()])
+        s = np.mean(stats, axis=0)
+        metrics = dict(zip(["train/loss", "logps/chosen", "logps/rejected", "rewards/margins", "rewards/accuracies",
+                            "rewards/chosen", "rewards/rejected", "train/grad_norm", "train/kl_loss"], s.tolist()))
+        metrics.update({"train/kl_estimate": kl_estimate, "train/online_samples": online_seen})
+        log(iteration, metrics)
+
+    metrics_file.close()
+    if args.track:
+        wandb.finish()
+    print(f"done in {time.time() - start:.0f}s: runs/{run_name}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

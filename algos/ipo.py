@@ -1,0 +1,255 @@
+"""IPO (offline): Identity Preference Optimisation on a fixed preference dataset.
+
+    loss = ((log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)) - 1 / (2 * tau))^2
+
+Azar et al. 2023, eq. 17; with DPO, the study's "offline, negative gradient" method (Tajwar et al. 2024,
+PAPER.md section 4). Axes: on-policy sampling NO (pairs were collected once, from pi_ref; their
+reference log-probs are computed once, before training), sample reuse YES (the pairs come back every
+pass over the dataset; `--update-epochs` T > 1 reuses each batch), negative gradient YES.
+
+Log-probs are sequence sums over response tokens (EOS included, pads never), scored at the sampling
+temperature. Deviation from the study's LLM code: that code compares token t of y_w with token t of
+y_l; here each response's log-probs are summed first, as the paper's equation says.
+IPO's h is that sequence log-ratio, as in its paper and dpo.py: token means (TRL's, `--length-normalize`) ended min_length at gold
+-9.4, KL 10 vs -9.8, KL 1.4 (tau 0.1). tau is 0.03, not TRL's 0.1: a 5-nat margin stalls online_ipo at 0.24 on bandit_r1.
+
+    python algos/ipo.py --task skew_length
+    python algos/ipo.py --task bandit_r1 --length-normalize --tau 0.1  # as TRL runs IPO
+"""
+
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import exact_div, generate, pad_rows, response_logprobs  # noqa: E402
+from tasks import TaskName, make_task  # noqa: E402
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    cuda: bool = False
+    """run on CUDA (falls back to CPU with a warning when there is none)"""
+    compile: bool = False
+    """sample with a static KV cache and a compiled decode step (torch.compile; CUDA graphs on a GPU; compiles on first use)"""
+    threads: int = 1
+    """torch CPU threads (2 threads on a busy 2-core machine are far slower than 1)"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "cleanpref"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
+    task: TaskName = "skew_length"
+    """the task (tasks/): its reference policy, prompts, preference data and rewards"""
+    model: Optional[str] = None
+    """replace the task's reference policy with this Hugging Face causal LM (local path or hub id)"""
+    prompts: Optional[str] = None
+    """replace the task's prompts with this dataset (`prompt`, or AlpacaFarm's `instruction` and `input`):
+    a .json/.jsonl file, a `save_to_disk` directory, or a hub `id[:config][@split]`"""
+    save_model: bool = False
+    """save the policy to runs/{run_name}/model at every evaluation (the last one is the final policy)"""
+    eval_every: int = 10
+    """evaluate on held-out prompts every this many iterations (and at 0 and the end)"""
+    num_eval_prompts: int = 128
+    """held-out prompts per evaluation"""
+
+    # Algorithm 1 (PAPER.md section 2)
+    num_iterations: Optional[int] = None
+    """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
+    batch_size: int = 64
+    """B, samples (preference pairs) per iteration"""
+    minibatch_size: int = 16
+    """M, samples per gradient step"""
+    update_epochs: int = 1
+    """T, passes over each batch (sample reuse)"""
+    learning_rate: Optional[float] = None
+    """Adam learning rate; default per task, see TASK_DEFAULTS"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+
+    # Algorithm specific arguments
+    tau: float = 0.03
+    """IPO's regularisation: the loss pulls the margin h_w - h_l to 1 / (2 tau) from both sides (DPO's only pushes it up)"""
+    length_normalize: bool = False
+    """h from token-mean log-probs (TRL's IPO) instead of sequence sums (the IPO paper's)"""
+
+    # to be filled in runtime
+    num_minibatches: int = 0
+    """B / M"""
+
+
+# tuned on each embedded task (README, "Tuned defaults"); a value given on the command line wins
+TASK_DEFAULTS = {
+    "bandit_r1": dict(num_iterations=100, learning_rate=1e-2),
+    "bandit_r2": dict(num_iterations=100, learning_rate=3e-3),
+    "min_length": dict(num_iterations=60, learning_rate=1e-4),
+    "mode_length": dict(num_iterations=60, learning_rate=1e-4),
+    "skew_length": dict(num_iterations=60, learning_rate=1e-5),
+}
+
+
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, tau):
+    """Per-pair IPO losses (h_w - h_l - 1 / (2 tau))^2, all [P]. Returns (losses, chosen_rewards, rejected_rewards), [P] each.
+
+    h = log pi - log pi_ref of whatever the inputs are; the rewards tau * h (TRL's) are returned detached, for logging.
+    """
+    chosen_rewards = tau * (policy_chosen_logps - ref_chosen_logps)
+    rejected_rewards = tau * (policy_rejected_logps - ref_rejected_logps)
+    losses = ((chosen_rewards - rejected_rewards) / tau - 1 / (2 * tau)) ** 2  # Azar et al. 2023, eq. 17
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def sequence_logprobs(model, task, queries, chosen, rejected):
+    """Summed response log-probs of chosen and rejected in one forward pass -> ([P], [P])."""
+    width = max(chosen.shape[1], rejected.shape[1])  # right-pad both to one width
+    chosen, rejected = (torch.nn.functional.pad(y, (0, width - y.shape[1]), value=task.pad_token_id) for y in (chosen, rejected))
+    logps, _ = response_logprobs(model, torch.cat([queries, queries]), torch.cat([chosen, rejected]),
+                                 task.pad_token_id, task.eos_token_id, task.temperature)
+    return logps.sum(1).chunk(2)
+
+
+@torch.no_grad()
+def evaluate(policy, ref_policy, task, prompts, seed, compile=False):
+    """Sample one response per held-out prompt; gold/proxy reward, length, EOS rate, MC KL(pi || pi_ref)."""
+    queries = pad_rows(prompts, task.pad_token_id, left=True, device=task.device)
+    generator = torch.Generator(task.device).manual_seed(seed)  # the same draws at every evaluation
+    responses, logps = generate(policy, queries, task.pad_token_id, task.eos_token_id, task.max_new_tokens, task.temperature, generator,
+                                compile)
+    ref_logps, mask = response_logprobs(ref_policy, queries, responses, task.pad_token_id, task.eos_token_id, task.temperature)
+    ended = (responses == task.eos_token_id).any(1) if task.eos_token_id is not None else torch.ones_like(mask[:, 0])
+    gold, proxy = task.gold_reward(queries, responses), task.proxy_reward(queries, responses)
+    metrics = {"eval/gold_reward": gold.mean().item(), "eval/proxy_reward": proxy.mean().item(),
+               "eval/response_length": (mask.sum(1) - ended.long() * (task.eos_token_id is not None)).float().mean().item(),
+               "eval/eos_rate": ended.float().mean().item(), "eval/kl_ref": (logps - ref_logps).sum(1).mean().item()}
+    table = [(task.decode(q), task.decode(r), g, p) for q, r, g, p in zip(prompts[:3], responses[:3].tolist(), gold.tolist(), proxy.tolist())]
+    return metrics, table
+
+
+def main(args: Args):
+    for k, v in TASK_DEFAULTS[args.task].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.num_minibatches = exact_div(args.batch_size, args.minibatch_size, "--batch-size / --minibatch-size")
+    if not args.tau > 0:
+        raise SystemExit(f"--tau must be > 0 (the target margin is 1 / (2 tau)), got {args.tau}")
+    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path("runs") / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, save_code=True)
+    print(f"run {run_name}: {json.dumps(asdict(args))}")
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.threads)
+    if args.cuda and not torch.cuda.is_available():
+        print("warning: --cuda given but no CUDA device is available; running on CPU")
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+    task = make_task(args.task, device, args.model, args.prompts)
+    policy = task.load_policy()
+    ref_policy = task.load_policy().requires_grad_(False)  # frozen pi_ref
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
+    eval_prompts = task.eval_prompts[: args.num_eval_prompts]
+    metrics_file = open(run_dir / "metrics.jsonl", "w")
+    start, samples_seen = time.time(), 0
+
+    def log(iteration, metrics):
+        """Write one row of metrics; at iteration 0, every eval_every and the last, evaluate (and checkpoint) first."""
+        table = None
+        if iteration % args.eval_every == 0 or iteration == args.num_iterations:
+            eval_metrics, table = evaluate(policy, ref_policy, task, eval_prompts, args.seed, args.compile)
+            metrics = {**metrics, **eval_metrics}
+            if args.save_model and iteration > 0:  # a killed run keeps its latest evaluated policy
+                policy.save_pretrained(run_dir / "model")
+                task.tokenizer.save_pretrained(run_dir / "model")
+        row = {"iteration": iteration, "samples": samples_seen, "time_s": round(time.time() - start, 3), **metrics}
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        if args.track:
+            wandb.log(row, step=samples_seen)
+        if table:
+            print(f"iter {iteration:4d} samples {samples_seen:6d} " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("eval/")))
+            for prompt, response, gold, proxy in table:
+                print(f"    gold {gold:7.3f} proxy {proxy:7.3f} | {prompt} -> {response[:100]}")
+
+    # ALGO LOGIC: the fixed offline pairs, with reference log-probs computed once
+    data = task.preference_data
+    with torch.no_grad():
+        ref_logps = []
+        for s in range(0, len(data), 64):
+            rows = data[s : s + 64]
+            q = pad_rows(rows["prompt_ids"], task.pad_token_id, left=True, device=device)
+            c = pad_rows(rows["chosen_ids"], task.pad_token_id, left=False, device=device)
+            r = pad_rows(rows["rejected_ids"], task.pad_token_id, left=False, device=device)
+            ref_logps.append(torch.stack(sequence_logprobs(ref_policy, task, q, c, r), 1))
+        ref_logps = torch.cat(ref_logps)  # [N, 2]: chosen, rejected
+    order, cursor = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed)), 0
+
+    log(0, {})
+    for iteration in range(1, args.num_iterations + 1):
+        # ALGO LOGIC: draw B pairs from the fixed dataset (a fresh shuffle after each pass)
+        if cursor + args.batch_size > len(data):
+            order, cursor = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed + iteration)), 0
+        batch, cursor = order[cursor : cursor + args.batch_size], cursor + args.batch_size
+        rows = data[batch.tolist()]
+        queries = pad_rows(rows["prompt_ids"], task.pad_token_id, left=True, device=device)
+        chosen = pad_rows(rows["chosen_ids"], task.pad_token_id, left=False, device=device)
+        rejected = pad_rows(rows["rejected_ids"], task.pad_token_id, left=False, device=device)
+        batch_ref = ref_logps[batch.to(device)]
+        lengths = torch.stack([(y != task.pad_token_id).sum(1).clamp(min=1) for y in (chosen, rejected)], 1)  # EOS counted
+        norm = lengths if args.length_normalize else torch.ones_like(batch_ref)  # divides [B, 2] log-probs: token means or sums
+        n_pairs = len(batch)
+        samples_seen += n_pairs
+
+        # ALGO LOGIC: T passes of minibatch gradient steps over the batch
+        stats = []
+        for epoch in range(args.update_epochs):
+            perm = torch.randperm(n_pairs)
+            for mb in perm.chunk(args.num_minibatches):
+                chosen_logps, rejected_logps = sequence_logprobs(policy, task, queries[mb], chosen[mb], rejected[mb])
+                losses, chosen_rewards, rejected_rewards = ipo_loss(chosen_logps / norm[mb, 0], rejected_logps / norm[mb, 1],
+                                                                    batch_ref[mb, 0] / norm[mb, 0], batch_ref[mb, 1] / norm[mb, 1], args.tau)
+                loss = losses.mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                optimizer.step()
+                stats.append([loss.item(), chosen_logps.mean().item(), rejected_logps.mean().item(),
+                              (chosen_rewards - rejected_rewards).mean().item(), (chosen_rewards > rejected_rewards).float().mean().item(),
+                              chosen_rewards.mean().item(), rejected_rewards.mean().item(), grad_norm.item()])
+        s = np.mean(stats, axis=0)
+        metrics = dict(zip(["train/loss", "logps/chosen", "logps/rejected", "rewards/margins", "rewards/accuracies",
+                            "rewards/chosen", "rewards/rejected", "train/grad_norm"], s.tolist()))
+        log(iteration, metrics)
+
+    metrics_file.close()
+    if args.track:
+        wandb.finish()
+    print(f"done in {time.time() - start:.0f}s: runs/{run_name}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
