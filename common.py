@@ -9,6 +9,12 @@
 - `generate`: batched temperature sampling with a KV cache; returns the sampling log-probs too.
   Finished rows leave the batch; `compile=True` gives a static cache and a compiled decode step.
 - `response_mask`, `pad_rows`, `exact_div`, `disable_dropout`: small helpers every script needs.
+- Past one device (the last section; README "Scaling"): `start_run` (torchrun process group, rank 0 owns runs/),
+  `wrap` (DDP or FSDP2, bf16 autocast), `shard` (this rank's part of a global minibatch and its loss factor),
+  `all_reduce_mean` (training statistics), `save_checkpoint` / `open_metrics` / `resume` (atomic checkpoints, --resume).
+  B and M stay global: every rank holds the global batch, drawn by the same generators as one process; `generate` and
+  no-grad `response_logprobs` of a wrapped model split its rows over ranks (uniforms drawn for the whole batch, decode
+  steps in lockstep) and gather the results, so a run on N processes samples what one process samples.
 
 No compute on padding, measured on min_length (README "Speed"): packed rows (several sequences per
 row, position ids restarting, a block-diagonal mask) ran as fast as length groups on CPU, but need a
@@ -218,7 +224,7 @@ def response_logprobs(model, queries, responses, pad_token_id: int, eos_token_id
     if responses.shape[1] == 0:
         raise ValueError("response_logprobs: empty responses (no tokens to score)")
     mask = response_mask(responses, pad_token_id, eos_token_id)
-    if not torch.is_grad_enabled() and world()[1] > 1:  # scoring: every rank holds the whole batch and scores its share
+    if not torch.is_grad_enabled() and model in _DISTRIBUTED:  # scoring: every rank holds the whole batch, scores its share
         lo, hi = rank_rows(len(queries))
         logps = _response_logprobs(model, queries[lo:hi], responses[lo:hi], mask[lo:hi], pad_token_id, temperature)
         return gather_rows(logps, len(queries)), mask
@@ -328,7 +334,8 @@ def generate(model, queries, pad_token_id: int, eos_token_id: int | None, max_ne
         raise ValueError("generate: pad_token_id must differ from eos_token_id, or responses cannot end")
     if queries.dim() != 2 or queries.shape[0] == 0 or max_new_tokens < 1 or not temperature > 0:
         raise ValueError(f"generate: expected queries [B>0, Lq], max_new_tokens >= 1, temperature > 0; got {tuple(queries.shape)}, {max_new_tokens}, {temperature}")
-    total, (lo, hi) = queries.shape[0], rank_rows(queries.shape[0])  # under torchrun: this rank's share of the rows
+    spread = model in _DISTRIBUTED  # under torchrun (a model given to `wrap`): this rank samples its share of the rows
+    total, (lo, hi) = queries.shape[0], rank_rows(queries.shape[0]) if spread else (0, queries.shape[0])
     queries = queries[lo:hi]
     if compile:
         queries = torch.nn.functional.pad(queries, (-queries.shape[1] % 32, 0), value=pad_token_id)
@@ -359,7 +366,7 @@ def generate(model, queries, pad_token_id: int, eos_token_id: int | None, max_ne
         if eos_token_id is not None:
             done |= token == eos_token_id
         n_done = int(done.sum())
-        if t == max_new_tokens - 1 or _all_ranks(n_done == len(rows)):  # every rank steps until all are done
+        if t == max_new_tokens - 1 or (_all_ranks(n_done == len(rows)) if spread else n_done == len(rows)):  # ranks step in lockstep
             break
         if not compile and n_done >= max(1, COMPACT_AT * len(rows)):  # drop the finished rows
             keep = (~done).nonzero().squeeze(1)
@@ -375,7 +382,9 @@ def generate(model, queries, pad_token_id: int, eos_token_id: int | None, max_ne
             out = model(input_ids=token[:, None], attention_mask=attn[:, : lq + t + 1], position_ids=position, past_key_values=cache,
                         use_cache=True)
         logits = out.logits[:, -1]
-    return gather_rows(responses[:, : t + 1], total), gather_rows(logps[:, : t + 1], total)
+    if spread:
+        return gather_rows(responses[:, : t + 1], total), gather_rows(logps[:, : t + 1], total)
+    return responses[:, : t + 1], logps[:, : t + 1]
 
 
 def pad_rows(rows, pad_token_id: int, left: bool, device=None):
@@ -418,6 +427,8 @@ def disable_dropout(model):
 
 _RUNNERS = weakref.WeakKeyDictionary()  # model -> what runs its forward: the DDP wrapper, the FSDP2 root, or the autocast model
 _SHARDED = weakref.WeakSet()  # models sharded by FSDP2: every rank must run each of their forwards
+_DISTRIBUTED = weakref.WeakSet()  # models given to `wrap` under torchrun: sampling and scoring split rows over ranks (others,
+# such as the task builders' models, stay local: a rank building a task's cache must not wait on the other ranks)
 
 
 def world():
@@ -553,6 +564,8 @@ def wrap(model, args):
     its forward under bf16 autocast (parameters and Adam state stay fp32). Log-probs and hidden states then run through
     the wrapper (`last_hidden_state`), so DDP sees the forward and FSDP2 gathers the shards."""
     device = next(model.parameters()).device
+    if world()[1] > 1:
+        _DISTRIBUTED.add(model)
     if args.bf16:
         model.forward = torch.autocast(device.type, dtype=torch.bfloat16)(model.forward)
         _RUNNERS[model] = model
@@ -626,11 +639,12 @@ def _pack(value):
     return ("value", value)
 
 
-def save_checkpoint(run_dir, policy, optimizer, tokenizer, iteration: int, state: dict):
+def save_checkpoint(run_dir, policy, optimizer, tokenizer, row: dict, state: dict):
     """Write the resume point atomically: runs/<run>/model is a symlink swapped in one rename to checkpoint-<iteration>/,
     which holds the policy (save_pretrained: full weights, gathered from FSDP2 shards), the tokenizer, and
-    training_state.pt (the optimizer, every RNG, the iteration and the script's `state`: generators, (model, optimizer)
-    pairs and plain values). A kill while saving leaves the previous checkpoint in place. Called on every rank."""
+    training_state.pt (the optimizer, every RNG, the metrics `row` of its iteration, written after it, and the script's
+    `state`: generators, (model, optimizer) pairs and plain values). A kill while saving leaves the previous checkpoint in
+    place. Called on every rank."""
     import random
     import shutil
 
@@ -640,6 +654,7 @@ def save_checkpoint(run_dir, policy, optimizer, tokenizer, iteration: int, state
     packed = {k: _pack(v) for k, v in state.items()}
     if world()[0] != 0:
         return
+    iteration = row["iteration"]
     name = f"checkpoint-{iteration:06d}"
     tmp, final, link = run_dir / f".{name}.tmp", run_dir / name, run_dir / "model"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -647,7 +662,7 @@ def save_checkpoint(run_dir, policy, optimizer, tokenizer, iteration: int, state
     tokenizer.save_pretrained(tmp)
     rngs = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), random=random.getstate(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    torch.save(dict(iteration=iteration, optimizer=optimizer_state, rngs=rngs, state=packed), tmp / TRAINING_STATE)
+    torch.save(dict(iteration=iteration, row=row, optimizer=optimizer_state, rngs=rngs, state=packed), tmp / TRAINING_STATE)
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     if link.is_dir() and not link.is_symlink():  # a run saved by an older cleanpref: a plain directory
@@ -660,8 +675,8 @@ def save_checkpoint(run_dir, policy, optimizer, tokenizer, iteration: int, state
 
 
 def open_metrics(run_dir, args):
-    """metrics.jsonl for appending: a fresh file, or with --resume the rows up to the checkpoint's iteration (later rows
-    of the killed run are dropped: they are recomputed). Ranks > 0 write to os.devnull."""
+    """metrics.jsonl for appending: a fresh file, or with --resume the rows before the checkpoint's iteration and its own
+    row, saved with it (later rows of the killed run are dropped: they are recomputed). Ranks > 0 write to os.devnull."""
     if world()[0] != 0:
         return open(os.devnull, "w")
     path = run_dir / "metrics.jsonl"
@@ -669,9 +684,9 @@ def open_metrics(run_dir, args):
         return open(path, "w")
     import json
 
-    last = torch.load(run_dir / "model" / TRAINING_STATE, map_location="cpu", weights_only=False)["iteration"]
-    rows = [line for line in open(path) if line.strip() and json.loads(line)["iteration"] <= last]
-    (run_dir / "metrics.jsonl.tmp").write_text("".join(rows))
+    last = torch.load(run_dir / "model" / TRAINING_STATE, map_location="cpu", weights_only=False)["row"]
+    rows = [line for line in open(path) if line.strip() and json.loads(line)["iteration"] < last["iteration"]]
+    (run_dir / "metrics.jsonl.tmp").write_text("".join(rows) + json.dumps(last) + "\n")
     os.replace(run_dir / "metrics.jsonl.tmp", path)
     return open(path, "a")
 

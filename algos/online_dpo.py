@@ -199,10 +199,10 @@ def main(args: Args):
             eval_metrics, table = evaluate(policy, ref_policy, task, eval_prompts, args.seed, args.compile)
             metrics = {**metrics, **eval_metrics}
         row = {"iteration": iteration, "samples": samples_seen, "time_s": round(time.time() - start, 3), **metrics}
+        if args.save_model and table is not None and iteration > 0:  # a killed run keeps its latest evaluated policy; --resume goes on
+            save_checkpoint(run_dir, policy, optimizer, task.tokenizer, row, resumable())
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
-        if args.save_model and table is not None and iteration > 0:  # a killed run keeps its latest evaluated policy; --resume goes on
-            save_checkpoint(run_dir, policy, optimizer, task.tokenizer, iteration, resumable())
         if args.track:
             wandb.log(row, step=samples_seen)
         if table:
