@@ -9,6 +9,12 @@
 - `generate`: batched temperature sampling with a KV cache; returns the sampling log-probs too.
   Finished rows leave the batch; `compile=True` gives a static cache and a compiled decode step.
 - `response_mask`, `pad_rows`, `exact_div`, `disable_dropout`: small helpers every script needs.
+- Past one device (the last section; README "Scaling"): `start_run` (torchrun process group, rank 0 owns runs/),
+  `wrap` (DDP or FSDP2, bf16 autocast), `shard` (this rank's part of a global minibatch and its loss factor),
+  `all_reduce_mean` (training statistics), `save_checkpoint` / `open_metrics` / `resume` (atomic checkpoints, --resume).
+  B and M stay global: every rank holds the global batch, drawn by the same generators as one process; `generate` and
+  no-grad `response_logprobs` of a wrapped model split its rows over ranks (uniforms drawn for the whole batch, decode
+  steps in lockstep) and gather the results, so a run on N processes samples what one process samples.
 
 No compute on padding, measured on min_length (README "Speed"): packed rows (several sequences per
 row, position ids restarting, a block-diagonal mask) ran as fast as length groups on CPU, but need a
@@ -21,6 +27,7 @@ and `benchmarks/logprobs.py` measures this Function as fast as the built-in with
 and faster than it with its default options, at the same memory (table in the README).
 """
 
+import os
 import weakref
 
 import torch
@@ -217,18 +224,31 @@ def response_logprobs(model, queries, responses, pad_token_id: int, eos_token_id
     if responses.shape[1] == 0:
         raise ValueError("response_logprobs: empty responses (no tokens to score)")
     mask = response_mask(responses, pad_token_id, eos_token_id)
+    if not torch.is_grad_enabled() and model in _DISTRIBUTED:  # scoring: every rank holds the whole batch, scores its share
+        lo, hi = rank_rows(len(queries))
+        logps = _response_logprobs(model, queries[lo:hi], responses[lo:hi], mask[lo:hi], pad_token_id, temperature)
+        return gather_rows(logps, len(queries)), mask
+    return _response_logprobs(model, queries, responses, mask, pad_token_id, temperature), mask
+
+
+def _response_logprobs(model, queries, responses, mask, pad_token_id, temperature):
     states, where = [], []
-    for group, rows, kwargs, n_query, n_response in unpadded_groups(queries, responses, mask, pad_token_id):
-        hidden = model.base_model(input_ids=rows, **kwargs).last_hidden_state  # [n, W, d]
+    groups = list(unpadded_groups(queries, responses, mask, pad_token_id))
+    for group, rows, kwargs, n_query, n_response in groups:
+        hidden = last_hidden_state(model, input_ids=rows, **kwargs)  # [n, W, d]
         t = torch.arange(rows.shape[1], device=rows.device) - (n_query[:, None] - 1)  # the response token each state predicts
         scored = (t >= 0) & (t < n_response[:, None])
         states.append(hidden[scored])
         where.append((group[:, None].expand_as(t)[scored], t[scored]))
+    if model in _SHARDED:  # FSDP2 gathers each layer in every forward: every rank runs as many forwards as the busiest
+        for _ in range(_max_over_ranks(len(groups)) - len(groups)):
+            last_hidden_state(model, input_ids=groups[-1][1][:1, :1], position_ids=groups[-1][2]["position_ids"][:1, :1])
     row, col = (torch.cat(x) for x in zip(*where))
     labels = responses[row, col].masked_fill(~mask[row, col], 0)  # any in-range id; masked out below
-    flat = fused_logprobs(torch.cat(states), model.get_output_embeddings().weight, labels, temperature, banned_token=pad_token_id)
+    weight = model.get_output_embeddings().weight
+    flat = fused_logprobs(torch.cat(states).to(weight.dtype), weight, labels, temperature, banned_token=pad_token_id)
     logps = flat.new_zeros(mask.shape).index_put((row, col), flat)
-    return logps.masked_fill(~mask, 0.0), mask
+    return logps.masked_fill(~mask, 0.0)
 
 
 class _SlabLayer(DynamicLayer):
@@ -314,6 +334,9 @@ def generate(model, queries, pad_token_id: int, eos_token_id: int | None, max_ne
         raise ValueError("generate: pad_token_id must differ from eos_token_id, or responses cannot end")
     if queries.dim() != 2 or queries.shape[0] == 0 or max_new_tokens < 1 or not temperature > 0:
         raise ValueError(f"generate: expected queries [B>0, Lq], max_new_tokens >= 1, temperature > 0; got {tuple(queries.shape)}, {max_new_tokens}, {temperature}")
+    spread = model in _DISTRIBUTED  # under torchrun (a model given to `wrap`): this rank samples its share of the rows
+    total, (lo, hi) = queries.shape[0], rank_rows(queries.shape[0]) if spread else (0, queries.shape[0])
+    queries = queries[lo:hi]
     if compile:
         queries = torch.nn.functional.pad(queries, (-queries.shape[1] % 32, 0), value=pad_token_id)
     b, lq = queries.shape
@@ -330,7 +353,7 @@ def generate(model, queries, pad_token_id: int, eos_token_id: int | None, max_ne
     rows = torch.arange(b, device=device)  # the original row of each row still in the batch
     done = torch.zeros(b, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        u = torch.rand(b, 1, generator=generator, device=device)  # one uniform per original row, every step
+        u = torch.rand(total, 1, generator=generator, device=device)[lo:hi]  # one uniform per row of the whole batch, every step
         logits = logits.float() / temperature
         logits[:, pad_token_id] = float("-inf")
         logp = torch.log_softmax(logits, dim=-1)
@@ -343,10 +366,11 @@ def generate(model, queries, pad_token_id: int, eos_token_id: int | None, max_ne
         if eos_token_id is not None:
             done |= token == eos_token_id
         n_done = int(done.sum())
-        if t == max_new_tokens - 1 or n_done == len(rows):
+        if t == max_new_tokens - 1 or (_all_ranks(n_done == len(rows)) if spread else n_done == len(rows)):  # ranks step in lockstep
             break
         if not compile and n_done >= max(1, COMPACT_AT * len(rows)):  # drop the finished rows
             keep = (~done).nonzero().squeeze(1)
+            keep = keep if len(keep) else keep.new_zeros(1)  # all done here, not elsewhere: one row keeps stepping
             cache.batch_select_indices(keep)
             rows, token, position, done, attn = rows[keep], token[keep], position[keep], done[keep], attn[keep]
         position = position + 1
@@ -358,6 +382,8 @@ def generate(model, queries, pad_token_id: int, eos_token_id: int | None, max_ne
             out = model(input_ids=token[:, None], attention_mask=attn[:, : lq + t + 1], position_ids=position, past_key_values=cache,
                         use_cache=True)
         logits = out.logits[:, -1]
+    if spread:
+        return gather_rows(responses[:, : t + 1], total), gather_rows(logps[:, : t + 1], total)
     return responses[:, : t + 1], logps[:, : t + 1]
 
 
@@ -391,3 +417,310 @@ def disable_dropout(model):
         if isinstance(getattr(model.config, name, None), float):
             setattr(model.config, name, 0.0)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Past one device (README "Scaling"): torchrun, DDP or FSDP2, bf16 autocast, atomic checkpoints and --resume.
+# Every rank holds the GLOBAL batch (drawn by the same generators as one process); `generate` and scoring passes split
+# its rows over ranks and gather the results, and each gradient step trains on this rank's `shard` of the minibatch.
+# ---------------------------------------------------------------------------------------------------------------------
+
+_RUNNERS = weakref.WeakKeyDictionary()  # model -> what runs its forward: the DDP wrapper, the FSDP2 root, or the autocast model
+_SHARDED = weakref.WeakSet()  # models sharded by FSDP2: every rank must run each of their forwards
+_DISTRIBUTED = weakref.WeakSet()  # models given to `wrap` under torchrun: sampling and scoring split rows over ranks (others,
+# such as the task builders' models, stay local: a rank building a task's cache must not wait on the other ranks)
+
+
+def world():
+    """(rank, world size): (0, 1) without torchrun."""
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def rank_rows(n: int):
+    """(start, stop): this rank's contiguous share of n rows (shares differ by at most one row)."""
+    rank, size = world()
+    return rank * n // size, (rank + 1) * n // size
+
+
+def gather_rows(x, n: int):
+    """Every rank's `rank_rows(n)` share of a [rows, ...] tensor (same trailing shape on every rank) -> the whole [n, ...]."""
+    import torch.distributed as dist
+
+    size = world()[1]
+    if size == 1:
+        return x
+    most = -(-n // size)
+    parts = [torch.empty_like(x[:1]).expand(most, *x.shape[1:]).contiguous() for _ in range(size)]
+    dist.all_gather(parts, torch.cat([x, x[:1].expand(most - len(x), *x.shape[1:])]) if len(x) < most else x)
+    return torch.cat([p[: (r + 1) * n // size - r * n // size] for r, p in enumerate(parts)])
+
+
+def _all_reduce(values, op):
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def _all_ranks(flag: bool) -> bool:
+    """True when `flag` is True on every rank."""
+    import torch.distributed as dist
+
+    return flag if world()[1] == 1 else bool(_all_reduce([float(flag)], dist.ReduceOp.MIN)[0])
+
+
+def _max_over_ranks(n: int) -> int:
+    import torch.distributed as dist
+
+    return n if world()[1] == 1 else int(_all_reduce([float(n)], dist.ReduceOp.MAX)[0])
+
+
+def all_reduce_mean(metrics: dict) -> dict:
+    """The mean over ranks of a dict of floats (training statistics; evaluation metrics are equal on every rank already)."""
+    import torch.distributed as dist
+
+    size = world()[1]
+    if size == 1 or not metrics:
+        return metrics
+    return dict(zip(metrics, (v / size for v in _all_reduce([float(v) for v in metrics.values()], dist.ReduceOp.SUM))))
+
+
+def shard(indices, weights=None):
+    """This rank's share of a global minibatch of row indices, and the factor its loss is multiplied by.
+
+    DDP averages gradients over ranks; multiplying each rank's mean loss by world size * (its share of the minibatch's
+    weight) makes that average the gradient of the global minibatch mean, also when shares differ (online_dpo's
+    dropped pairs). weights: [rows of the batch], the loss's denominator per row (default 1: a mean over rows; PPO
+    passes token counts). A rank with no rows gets the first row at factor 0: every rank runs each forward and backward.
+    """
+    rank, size = world()
+    if size == 1:
+        return indices, 1.0
+    lo, hi = rank_rows(len(indices))
+    weights = torch.ones(len(indices)) if weights is None else weights[indices].double().cpu()
+    scale = size * float(weights[lo:hi].sum()) / max(float(weights.sum()), 1e-12)
+    return (indices[lo:hi], scale) if hi > lo else (indices[:1], 0.0)
+
+
+def start_run(args, run_name: str):
+    """The set-up every script shares, before anything is written. Returns (run_name, run_dir).
+
+    Under torchrun (WORLD_SIZE set): joins the process group (nccl with --cuda, else gloo), pins the process to its
+    GPU, takes rank 0's run name, and checks that --batch-size and --minibatch-size (GLOBAL sizes) divide by the world
+    size. Records args.world_size. With --resume runs/<run>: every other argument comes from that run's args.json.
+    Rank 0 alone creates runs/<run>/ and writes args.json; the other ranks print nothing and do not track.
+    """
+    import atexit
+    import json
+    import sys
+    from dataclasses import asdict
+    from pathlib import Path
+
+    if "WORLD_SIZE" in os.environ:
+        import torch.distributed as dist
+
+        cuda = args.cuda and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(dist.destroy_process_group)
+        holder = [run_name]
+        dist.broadcast_object_list(holder, src=0)
+        run_name = holder[0]
+    elif args.fsdp:
+        raise SystemExit("--fsdp shards over processes: launch with torchrun (torchrun --nproc-per-node N algos/...)")
+    if args.bf16 and args.cuda and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise SystemExit("--bf16: this GPU has no bfloat16 support; drop --bf16")
+    rank, size = world()
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "args.json").exists() or not (run_dir / "model" / TRAINING_STATE).exists():
+            raise SystemExit(f"--resume {run_dir}: no run with a checkpoint there (runs are resumable when trained with --save-model)")
+        saved = json.loads((run_dir / "args.json").read_text())
+        for k, v in saved.items():
+            if k not in ("resume", "world_size") and hasattr(args, k):
+                setattr(args, k, v)
+        run_name = run_dir.name
+    else:
+        run_dir = Path("runs") / run_name
+    args.world_size = size
+    exact_div(args.batch_size, size, "--batch-size / the number of processes (B is global)")
+    exact_div(args.minibatch_size, size, "--minibatch-size / the number of processes (M is global)")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2, default=str))
+    else:
+        sys.stdout, args.track = open(os.devnull, "w"), False
+    return run_name, run_dir
+
+
+def wrap(model, args):
+    """The model made ready for this run; the same object is returned (save_pretrained, generate and the scripts'
+    attribute access keep working). Under torchrun a trained model (any parameter requires grad) gets DDP, a frozen one
+    stays replicated; --fsdp shards either with FSDP2 (`fully_shard` on each decoder layer, then the root). --bf16 runs
+    its forward under bf16 autocast (parameters and Adam state stay fp32). Log-probs and hidden states then run through
+    the wrapper (`last_hidden_state`), so DDP sees the forward and FSDP2 gathers the shards."""
+    device = next(model.parameters()).device
+    if world()[1] > 1:
+        _DISTRIBUTED.add(model)
+    if args.bf16:
+        model.forward = torch.autocast(device.type, dtype=torch.bfloat16)(model.forward)
+        _RUNNERS[model] = model
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = set(getattr(model, "_no_split_modules", None) or [])
+        layers = [m for m in model.modules() if type(m).__name__ in blocks]
+        if not layers:
+            layers = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=[])
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(model)
+        _RUNNERS[model] = model
+        _SHARDED.add(model)
+    elif world()[1] > 1 and any(p.requires_grad for p in model.parameters()):
+        from torch.nn.parallel import DistributedDataParallel
+
+        # no buffer broadcast in forward: buffers (rotary tables) are equal on every rank, and forwards per rank may differ
+        _RUNNERS[model] = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  forward_sync_buffers=False)
+    return model
+
+
+def last_hidden_state(model, **inputs):
+    """`model.base_model(**inputs).last_hidden_state`, computed by a call of the whole model when `wrap` registered a
+    runner for it (DDP and FSDP2 act in the wrapped module's forward; the output head runs on one position only)."""
+    runner = _RUNNERS.get(model)
+    if runner is None:
+        return model.base_model(**inputs).last_hidden_state
+    out = []
+    handle = model.base_model.register_forward_hook(lambda module, args, output: out.append(output.last_hidden_state))
+    try:
+        runner(**inputs, **({"logits_to_keep": 1} if model.get_output_embeddings() is not None else {}))
+    finally:
+        handle.remove()
+    return out[0]
+
+
+TRAINING_STATE = "training_state.pt"
+
+
+def _full_state(model, optimizer=None):
+    """(model state dict, optimizer state dict) gathered in full, on CPU (FSDP2: a collective; rank 0 gets the values)."""
+    if model not in _SHARDED:
+        return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None
+
+
+def _load_full_state(model, model_state, optimizer=None, optimizer_state=None):
+    if model not in _SHARDED:
+        model.load_state_dict(model_state)
+        if optimizer is not None:
+            optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+
+
+def _pack(value):
+    if isinstance(value, torch.Generator):
+        return ("generator", value.get_state())
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], torch.nn.Module):  # (model, its optimizer)
+        return ("model", _full_state(*value))
+    return ("value", value)
+
+
+def save_checkpoint(run_dir, policy, optimizer, tokenizer, row: dict, state: dict):
+    """Write the resume point atomically: runs/<run>/model is a symlink swapped in one rename to checkpoint-<iteration>/,
+    which holds the policy (save_pretrained: full weights, gathered from FSDP2 shards), the tokenizer, and
+    training_state.pt (the optimizer, every RNG, the metrics `row` of its iteration, written after it, and the script's
+    `state`: generators, (model, optimizer) pairs and plain values). A kill while saving leaves the previous checkpoint in
+    place. Called on every rank."""
+    import random
+    import shutil
+
+    import numpy as np
+
+    policy_state, optimizer_state = _full_state(policy, optimizer)
+    packed = {k: _pack(v) for k, v in state.items()}
+    if world()[0] != 0:
+        return
+    iteration = row["iteration"]
+    name = f"checkpoint-{iteration:06d}"
+    tmp, final, link = run_dir / f".{name}.tmp", run_dir / name, run_dir / "model"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp, state_dict=policy_state)
+    tokenizer.save_pretrained(tmp)
+    rngs = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), random=random.getstate(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    torch.save(dict(iteration=iteration, row=row, optimizer=optimizer_state, rngs=rngs, state=packed), tmp / TRAINING_STATE)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    if link.is_dir() and not link.is_symlink():  # a run saved by an older cleanpref: a plain directory
+        shutil.rmtree(link)
+    os.symlink(name, run_dir / ".model.tmp")
+    os.replace(run_dir / ".model.tmp", link)  # atomic
+    for old in run_dir.glob("checkpoint-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def open_metrics(run_dir, args):
+    """metrics.jsonl for appending: a fresh file, or with --resume the rows before the checkpoint's iteration and its own
+    row, saved with it (later rows of the killed run are dropped: they are recomputed). Ranks > 0 write to os.devnull."""
+    if world()[0] != 0:
+        return open(os.devnull, "w")
+    path = run_dir / "metrics.jsonl"
+    if not args.resume:
+        return open(path, "w")
+    import json
+
+    last = torch.load(run_dir / "model" / TRAINING_STATE, map_location="cpu", weights_only=False)["row"]
+    rows = [line for line in open(path) if line.strip() and json.loads(line)["iteration"] < last["iteration"]]
+    (run_dir / "metrics.jsonl.tmp").write_text("".join(rows) + json.dumps(last) + "\n")
+    os.replace(run_dir / "metrics.jsonl.tmp", path)
+    return open(path, "a")
+
+
+def resume(args, run_dir, policy, optimizer, state: dict):
+    """With --resume: load the latest checkpoint into the policy, its optimizer, every RNG, and the script's `state`
+    (generators and (model, optimizer) pairs in place) -> (first iteration to run, [the state's values, restored]).
+    Without: (1, [the state's values]). Call it after every set-up that consumes random numbers."""
+    import random
+
+    import numpy as np
+
+    if not args.resume:
+        return 1, list(state.values())
+    saved = torch.load(run_dir / "model" / TRAINING_STATE, map_location="cpu", weights_only=False)
+    from safetensors.torch import load_file
+
+    weights = {k: v for f in sorted((run_dir / "model").glob("*.safetensors")) for k, v in load_file(f).items()}
+    own = policy.state_dict()
+    for k in own.keys() - weights.keys():  # save_pretrained stores tied weights once: take the twin's
+        weights[k] = next(weights[j] for j in weights.keys() & own.keys() if own[j].data_ptr() == own[k].data_ptr())
+    _load_full_state(policy, weights, optimizer, saved["optimizer"])
+    values = []
+    for (kind, packed), current in zip(saved["state"].values(), state.values()):
+        if kind == "generator":
+            current.set_state(packed)
+        elif kind == "model":
+            _load_full_state(current[0], packed[0], current[1], packed[1])
+        values.append(current if kind != "value" else packed)
+    rngs = saved["rngs"]
+    torch.set_rng_state(rngs["torch"])
+    np.random.set_state(rngs["numpy"])
+    random.setstate(rngs["random"])
+    if rngs["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rngs["cuda"])
+    print(f"resumed {run_dir} after iteration {saved['iteration']}")
+    return saved["iteration"] + 1, values

@@ -30,6 +30,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import exact_div, generate, pad_rows, response_logprobs  # noqa: E402
+from common import all_reduce_mean, open_metrics, resume, save_checkpoint, shard, start_run, wrap  # noqa: E402
 from tasks import TaskName, make_task  # noqa: E402
 
 
@@ -43,6 +44,12 @@ class Args:
     """sets `torch.backends.cudnn.deterministic`"""
     cuda: bool = False
     """run on CUDA (falls back to CPU with a warning when there is none)"""
+    fsdp: bool = False
+    """under torchrun: shard the policy and pi_ref with FSDP2 (fully_shard) instead of DDP (README "Scaling")"""
+    bf16: bool = False
+    """forward passes under bf16 autocast (fp32 weights and Adam state); for CUDA"""
+    resume: Optional[str] = None
+    """continue the run runs/<run> from its latest checkpoint (saved by --save-model); its args.json gives every other argument"""
     compile: bool = False
     """sample with a static KV cache and a compiled decode step (torch.compile; CUDA graphs on a GPU; compiles on first use)"""
     threads: int = 1
@@ -106,6 +113,8 @@ class Args:
     # to be filled in runtime
     num_minibatches: int = 0
     """B / M"""
+    world_size: int = 1
+    """processes (torchrun); B and M are global: each process trains on its share of every minibatch"""
     num_prompts: int = 0
     """B / C, prompts per iteration"""
 
@@ -160,10 +169,7 @@ def main(args: Args):
     args.num_prompts = exact_div(args.batch_size, args.num_completions, "--batch-size / --num-completions")
     if args.baseline == "rloo" and args.num_completions < 2:
         raise SystemExit(f"--num-completions must be >= 2 for --baseline rloo (the other completions' mean), got {args.num_completions}")
-    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path("runs") / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    run_name, run_dir = start_run(args, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")  # torchrun, --resume
     if args.track:
         import wandb
 
@@ -184,21 +190,21 @@ def main(args: Args):
                      args.max_prompt_length, args.max_length)
     policy = task.load_policy()
     ref_policy = task.load_policy().requires_grad_(False)  # frozen pi_ref
+    policy, ref_policy = wrap(policy, args), wrap(ref_policy, args)  # under torchrun: DDP (or FSDP2); --bf16: autocast
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
     eval_prompts = task.eval_prompts[: args.num_eval_prompts]
-    metrics_file = open(run_dir / "metrics.jsonl", "w")
+    metrics_file = open_metrics(run_dir, args)  # rank 0 writes; --resume appends
     start, samples_seen = time.time(), 0
 
     def log(iteration, metrics):
         """Write one row of metrics; at iteration 0, every eval_every and the last, evaluate (and checkpoint) first."""
-        table = None
+        table, metrics = None, all_reduce_mean(metrics)  # training statistics: the mean over ranks
         if iteration % args.eval_every == 0 or iteration == args.num_iterations:
             eval_metrics, table = evaluate(policy, ref_policy, task, eval_prompts, args.seed, args.compile)
             metrics = {**metrics, **eval_metrics}
-            if args.save_model and iteration > 0:  # a killed run keeps its latest evaluated policy
-                policy.save_pretrained(run_dir / "model")
-                task.tokenizer.save_pretrained(run_dir / "model")
         row = {"iteration": iteration, "samples": samples_seen, "time_s": round(time.time() - start, 3), **metrics}
+        if args.save_model and table is not None and iteration > 0:  # a killed run keeps its latest evaluated policy; --resume goes on
+            save_checkpoint(run_dir, policy, optimizer, task.tokenizer, row, resumable())
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
         if args.track:
@@ -213,8 +219,14 @@ def main(args: Args):
     sampler, prompt_sampler = torch.Generator(device).manual_seed(args.seed), torch.Generator().manual_seed(args.seed)
     moving_average = None
 
-    log(0, {})
-    for iteration in range(1, args.num_iterations + 1):
+    def resumable():  # the run's state beyond the policy, its optimizer and the RNGs: what --resume restores (common.py)
+        return dict(samples_seen=samples_seen, elapsed=time.time() - start, sampler=sampler, prompt_sampler=prompt_sampler, moving_average=moving_average)
+
+    first, (samples_seen, elapsed, sampler, prompt_sampler, moving_average) = resume(args, run_dir, policy, optimizer, resumable())
+    start = time.time() - elapsed
+    if first == 1:
+        log(0, {})
+    for iteration in range(first, args.num_iterations + 1):
         # ALGO LOGIC: draw B / C prompts, sample C completions each from pi_theta, score them, subtract the baseline
         batch = torch.randint(len(data), (args.num_prompts,), generator=prompt_sampler)  # uniform, with replacement
         prompts = pad_rows([data[i] for i in batch.tolist()], task.pad_token_id, left=True, device=device)
@@ -247,9 +259,11 @@ def main(args: Args):
         for epoch in range(args.update_epochs):
             perm = torch.randperm(args.batch_size)
             for mb in perm.chunk(args.num_minibatches):
+                mb, scale = shard(mb)  # this rank's share of the global minibatch (common.py)
                 policy_logps, mask = response_logprobs(policy, queries[mb], responses[mb], task.pad_token_id, task.eos_token_id, task.temperature)
                 losses = reinforce_loss(policy_logps.sum(1), advantages[mb])
                 loss = losses.mean()
+                loss = loss * scale  # DDP averages gradients over ranks: that average is the gradient of the global minibatch mean
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
