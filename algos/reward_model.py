@@ -12,6 +12,13 @@ standalone script for your own model and preference data:
         --dataset Asap7772/relabeled_alpacafarm_pythiasft_20K_preference_data_minlength --cuda
 
 Chosen and rejected go through one forward pass (concatenated on the batch axis).
+
+Under torchrun (README "Scaling") --minibatch-size stays global: every rank draws the same order and trains on its
+`shard` of each minibatch (DDP, or FSDP2 with --fsdp), so N processes take the same steps as one, up to float reduction
+order; rank 0 alone prints and writes the output directory. No --resume: unlike the Algorithm 1 scripts this one has
+no checkpoints to resume from (one save at the end); rerun a killed run.
+
+    torchrun --nproc-per-node 8 algos/reward_model.py --model path/to/sft_model --dataset path/to/prefs.jsonl --cuda --bf16
 """
 
 import json
@@ -28,6 +35,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import disable_dropout, pad_rows, unpadded_groups  # noqa: E402
+from common import _DISTRIBUTED, _RUNNERS, _SHARDED, _max_over_ranks, all_reduce_mean, exact_div, shard, world, wrap  # noqa: E402
 
 
 @dataclass
@@ -38,6 +46,10 @@ class Args:
     """seed of the experiment"""
     cuda: bool = False
     """train on CUDA"""
+    fsdp: bool = False
+    """under torchrun: shard the model with FSDP2 (fully_shard) instead of DDP (README "Scaling")"""
+    bf16: bool = False
+    """forward passes under bf16 autocast (fp32 weights and Adam state); for CUDA"""
     threads: int = 1
     """torch CPU threads (2 threads on a busy 2-core machine are far slower than 1)"""
     model: str = ""
@@ -61,6 +73,8 @@ class Args:
     """share of pairs held out for the pairwise accuracy"""
     output_dir: str = ""
     """where to save the model (default runs/reward_model__{seed}__{time})"""
+    world_size: int = 1
+    """processes (torchrun); --minibatch-size is global: each process trains on its share of every minibatch"""
 
 
 def reward_scores(reward_model, queries, responses, pad_token_id):
@@ -68,11 +82,16 @@ def reward_scores(reward_model, queries, responses, pad_token_id):
 
     The classifier reads its score at the last non-pad token: the response's EOS (or its last token). No
     compute on padding: the forward runs on `common.unpadded_groups`, rows cut to their real tokens and
-    grouped by length; equal to the padded batch's scores to float rounding (tests/test_common.py)."""
+    grouped by length; equal to the padded batch's scores to float rounding (tests/test_common.py).
+    A model given to `common.wrap` runs through its wrapper: DDP sees the forward, FSDP2 gathers the shards."""
+    forward = _RUNNERS.get(reward_model, reward_model)
     scores, order = [], []
     for group, rows, kwargs, _, _ in unpadded_groups(queries, responses, responses != pad_token_id, pad_token_id):
-        scores.append(reward_model(input_ids=rows, **kwargs).logits[:, 0].float())
+        scores.append(forward(input_ids=rows, **kwargs).logits[:, 0].float())
         order.append(group)
+    if reward_model in _SHARDED:  # FSDP2 gathers each layer in every forward: every rank runs as many forwards as the busiest
+        for _ in range(_max_over_ranks(len(order)) - len(order)):
+            forward(input_ids=rows[:1, :1], position_ids=kwargs["position_ids"][:1, :1])
     return torch.cat(scores)[torch.cat(order).argsort()]
 
 
@@ -85,7 +104,7 @@ def _pair_scores(reward_model, pairs, pad_token_id, device):
 
 @torch.no_grad()
 def pairwise_accuracy(reward_model, pairs, pad_token_id, minibatch_size=64):
-    """Share of (query, chosen, rejected) pairs with r(chosen) > r(rejected)."""
+    """Share of (query, chosen, rejected) pairs with r(chosen) > r(rejected). Under torchrun every rank scores every pair."""
     device = next(reward_model.parameters()).device
     reward_model.eval()
     right = 0
@@ -96,8 +115,13 @@ def pairwise_accuracy(reward_model, pairs, pad_token_id, minibatch_size=64):
 
 
 def reward_model_train(reward_model, pairs, pad_token_id, learning_rate, num_epochs, minibatch_size, seed, progress=None):
-    """Bradley-Terry on (query_ids, chosen_ids, rejected_ids) triples. Returns per-epoch mean loss."""
+    """Bradley-Terry on (query_ids, chosen_ids, rejected_ids) triples. Returns per-epoch mean loss.
+
+    A model given to `common.wrap` under torchrun trains on this rank's `shard` of every (global) minibatch and the loss
+    is averaged over ranks; any other model, such as a task builder's (built by one rank while the others wait on the
+    cache lock), trains alone on every minibatch, with no collective."""
     device = next(reward_model.parameters()).device
+    spread = reward_model in _DISTRIBUTED  # given to wrap under torchrun
     reward_model.train()
     disable_dropout(reward_model)
     optimizer = torch.optim.AdamW(reward_model.parameters(), lr=learning_rate, weight_decay=0.0)
@@ -108,8 +132,12 @@ def reward_model_train(reward_model, pairs, pad_token_id, learning_rate, num_epo
     for _ in range(num_epochs):
         order, losses = torch.randperm(len(pairs), generator=g).tolist(), []
         for s in range(0, len(order), minibatch_size):
-            chosen, rejected = _pair_scores(reward_model, [pairs[i] for i in order[s : s + minibatch_size]], pad_token_id, device)
+            idx, scale = order[s : s + minibatch_size], 1.0
+            if spread:  # this rank's share of the global minibatch (common.py)
+                idx, scale = shard(torch.tensor(idx))
+            chosen, rejected = _pair_scores(reward_model, [pairs[i] for i in idx], pad_token_id, device)
             loss = -F.logsigmoid(chosen - rejected).mean()
+            loss = loss * scale  # DDP averages gradients over ranks: that average is the gradient of the global minibatch mean
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(reward_model.parameters(), 1.0)
@@ -120,8 +148,36 @@ def reward_model_train(reward_model, pairs, pad_token_id, learning_rate, num_epo
             if progress is not None:
                 progress(step, total, loss.item())
         history.append(sum(losses) / len(losses))
+        if spread:  # each rank's losses are its share of the minibatch means: their mean over ranks is the epoch's mean
+            history[-1] = all_reduce_mean({"loss": history[-1]})["loss"]
     reward_model.eval()
     return history
+
+
+def start(args, out: str):
+    """Under torchrun: join the process group (nccl with --cuda, else gloo), take rank 0's output directory, check that
+    the GLOBAL --minibatch-size divides by the world size, and silence the other ranks. Returns (output directory, rank).
+    (common.start_run does this for the Algorithm 1 scripts, which have --batch-size, --resume and runs/<run>.)"""
+    if "WORLD_SIZE" in os.environ:
+        import atexit
+
+        import torch.distributed as dist
+
+        cuda = args.cuda and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(dist.destroy_process_group)
+        holder = [out]
+        dist.broadcast_object_list(holder, src=0)
+        out = holder[0]
+    elif args.fsdp:
+        raise SystemExit("--fsdp shards over processes: launch with torchrun (torchrun --nproc-per-node N algos/...)")
+    rank, args.world_size = world()
+    exact_div(args.minibatch_size, args.world_size, "--minibatch-size / the number of processes (M is global)")
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    return Path(out), rank
 
 
 def main(args: Args):
@@ -130,24 +186,32 @@ def main(args: Args):
 
     if not args.model or not args.dataset:
         raise SystemExit("reward_model.py: pass --model (local directory or hub id) and --dataset (file, directory or hub id)")
+    out, rank = start(args, args.output_dir or f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")  # torchrun
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     reward_model, tokenizer = load_reward_model(args.model, device)
+    reward_model = wrap(reward_model, args)  # under torchrun: DDP (or FSDP2); --bf16: autocast
     data, _, _ = load_pairs(args.dataset, args.split, tokenizer, False, args.max_prompt_length, args.max_length)
     pairs = list(zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"]))
     perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_eval = int(len(pairs) * args.eval_fraction)
     eval_pairs, train_pairs = [pairs[i] for i in perm[:n_eval]], [pairs[i] for i in perm[n_eval:]]
-    out = Path(args.output_dir or f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
     history = reward_model_train(reward_model, train_pairs, tokenizer.pad_token_id, args.learning_rate, args.num_epochs,
-                                 args.minibatch_size, args.seed, step_bar("reward model"))
+                                 args.minibatch_size, args.seed, step_bar("reward model") if rank == 0 else None)
     accuracy = pairwise_accuracy(reward_model, eval_pairs, tokenizer.pad_token_id) if eval_pairs else float("nan")
-    reward_model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
-    (out / "metrics.json").write_text(json.dumps({"train/loss_per_epoch": history, "eval/pairwise_accuracy": accuracy}))
+    state = None
+    if args.fsdp:  # gather the shards (a collective on every rank); rank 0 gets the full state dict, on CPU
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(reward_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        reward_model.save_pretrained(out / "model", state_dict=state)
+        tokenizer.save_pretrained(out / "model")
+        (out / "metrics.json").write_text(json.dumps({"train/loss_per_epoch": history, "eval/pairwise_accuracy": accuracy}))
     print(f"saved {out / 'model'}; held-out pairwise accuracy {accuracy:.3f} on {len(eval_pairs)} pairs")
 
 

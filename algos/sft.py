@@ -8,6 +8,13 @@ tasks/bandit.py); this file is also a standalone script for your own model and d
     python algos/sft.py --model EleutherAI/pythia-1.4b --dataset tatsu-lab/alpaca_farm:alpaca_instructions@sft \
         --response-column output --cuda --output-dir runs/pythia_sft
     python algos/sft.py --model path/to/local_model --dataset path/to/data.jsonl --output-dir runs/my_sft
+    torchrun --nproc-per-node 8 algos/sft.py --model EleutherAI/pythia-1.4b \
+        --dataset tatsu-lab/alpaca_farm:alpaca_instructions@sft --response-column output --cuda --bf16 --fsdp
+
+Under torchrun (README "Scaling") --minibatch-size stays global: every rank draws the same order and trains on its
+`shard` of each minibatch (DDP, or FSDP2 with --fsdp), so N processes take the same steps as one, up to float reduction
+order; rank 0 alone prints and writes the output directory. No --resume: unlike the Algorithm 1 scripts this one has
+no checkpoints to resume from (one save at the end); rerun a killed run.
 
 The prompt is not trained on (loss on response tokens only); EOS is appended to every response so
 the model learns to stop, and the pad token is a dedicated token (added if the tokenizer lacks one).
@@ -25,7 +32,8 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import disable_dropout, pad_rows, response_logprobs  # noqa: E402
+from common import disable_dropout, pad_rows, response_logprobs, response_mask  # noqa: E402
+from common import _DISTRIBUTED, all_reduce_mean, exact_div, shard, world, wrap  # noqa: E402
 
 
 @dataclass
@@ -36,6 +44,10 @@ class Args:
     """seed of the experiment"""
     cuda: bool = False
     """train on CUDA"""
+    fsdp: bool = False
+    """under torchrun: shard the model with FSDP2 (fully_shard) instead of DDP (README "Scaling")"""
+    bf16: bool = False
+    """forward passes under bf16 autocast (fp32 weights and Adam state); for CUDA"""
     threads: int = 1
     """torch CPU threads (2 threads on a busy 2-core machine are far slower than 1)"""
     model: str = ""
@@ -58,14 +70,20 @@ class Args:
     """demonstrations per gradient step"""
     output_dir: str = ""
     """where to save the model (default runs/sft__{seed}__{time})"""
+    world_size: int = 1
+    """processes (torchrun); --minibatch-size is global: each process trains on its share of every minibatch"""
 
 
 def sft_train(model, queries, responses, pad_token_id, eos_token_id, learning_rate, num_epochs, minibatch_size, seed, progress=None):
     """Maximum likelihood on (query, response) token lists; responses end with EOS where they stop.
 
     Returns the per-epoch mean token NLL. `progress`: an optional callable(step, total, loss).
+    A model given to `common.wrap` under torchrun trains on this rank's `shard` of every (global) minibatch and the NLL
+    is summed over ranks; any other model, such as a task builder's (built by one rank while the others wait on the
+    cache lock), trains alone on every minibatch, with no collective.
     """
     device = next(model.parameters()).device
+    spread = model in _DISTRIBUTED  # given to wrap under torchrun
     model.train()
     disable_dropout(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
@@ -80,19 +98,52 @@ def sft_train(model, queries, responses, pad_token_id, eos_token_id, learning_ra
             idx = order[s : s + minibatch_size]
             q = pad_rows([queries[i] for i in idx], pad_token_id, left=True, device=device)
             r = pad_rows([responses[i] for i in idx], pad_token_id, left=False, device=device)
-            logps, mask = response_logprobs(model, q, r, pad_token_id, eos_token_id)
+            mb, scale = slice(None), 1.0
+            if spread:  # this rank's share of the global minibatch, weighted by its tokens (the loss is a token mean; common.py)
+                mb, scale = shard(torch.arange(len(idx)), response_mask(r, pad_token_id, eos_token_id).sum(1))
+            logps, mask = response_logprobs(model, q[mb], r[mb], pad_token_id, eos_token_id)
             loss = -logps.sum() / mask.sum().clamp(min=1)  # token mean over the minibatch
+            loss = loss * scale  # DDP averages gradients over ranks: that average is the gradient of the global token mean
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
-            nll, tokens = nll - logps.sum().item(), tokens + int(mask.sum())
+            if scale > 0:  # (a rank with no rows trains on shard's placeholder row at factor 0: not counted)
+                nll, tokens = nll - logps.sum().item(), tokens + int(mask.sum())
             if progress is not None:
                 progress(len(history) * steps_per_epoch + s // minibatch_size + 1, total, loss.item())
+        if spread:  # sums over ranks (the mean over ranks of both: the same ratio)
+            nll, tokens = all_reduce_mean({"nll": nll, "tokens": tokens}).values()
         history.append(nll / max(tokens, 1))
     model.eval()
     return history
+
+
+def start(args, out: str):
+    """Under torchrun: join the process group (nccl with --cuda, else gloo), take rank 0's output directory, check that
+    the GLOBAL --minibatch-size divides by the world size, and silence the other ranks. Returns (output directory, rank).
+    (common.start_run does this for the Algorithm 1 scripts, which have --batch-size, --resume and runs/<run>.)"""
+    if "WORLD_SIZE" in os.environ:
+        import atexit
+
+        import torch.distributed as dist
+
+        cuda = args.cuda and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(dist.destroy_process_group)
+        holder = [out]
+        dist.broadcast_object_list(holder, src=0)
+        out = holder[0]
+    elif args.fsdp:
+        raise SystemExit("--fsdp shards over processes: launch with torchrun (torchrun --nproc-per-node N algos/...)")
+    rank, args.world_size = world()
+    exact_div(args.minibatch_size, args.world_size, "--minibatch-size / the number of processes (M is global)")
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    return Path(out), rank
 
 
 def main(args: Args):
@@ -100,21 +151,29 @@ def main(args: Args):
 
     if not args.model or not args.dataset:
         raise SystemExit("sft.py: pass --model (local directory or hub id) and --dataset (file, directory or hub id)")
+    out, rank = start(args, args.output_dir or f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")  # torchrun
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     model, tokenizer = load_causal_lm(args.model, device)
+    model = wrap(model, args)  # under torchrun: DDP (or FSDP2); --bf16: autocast
     rows = load_rows(args.dataset, args.split, [args.response_column])
     queries = [tokenizer(prompt_text(r, args.prompt_column))["input_ids"][-args.max_length :] for r in rows]
     responses = [tokenizer(r[args.response_column])["input_ids"][: args.max_length - 1] + [tokenizer.eos_token_id] for r in rows]
-    out = Path(args.output_dir or f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
     history = sft_train(model, queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id, args.learning_rate,
-                        args.num_epochs, args.minibatch_size, args.seed, step_bar("sft"))
-    model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
-    (out / "metrics.json").write_text(json.dumps({"train/nll_per_epoch": history}))
+                        args.num_epochs, args.minibatch_size, args.seed, step_bar("sft") if rank == 0 else None)
+    state = None
+    if args.fsdp:  # gather the shards (a collective on every rank); rank 0 gets the full state dict, on CPU
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        model.save_pretrained(out / "model", state_dict=state)
+        tokenizer.save_pretrained(out / "model")
+        (out / "metrics.json").write_text(json.dumps({"train/nll_per_epoch": history}))
     print(f"saved {out / 'model'}; token NLL per epoch: {[round(h, 4) for h in history]}")
 
 
