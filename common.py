@@ -535,7 +535,7 @@ def start_run(args, run_name: str):
     if args.bf16 and args.cuda and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise SystemExit("--bf16: this GPU has no bfloat16 support; drop --bf16")
     rank, size = world()
-    if args.resume:
+    if getattr(args, "resume", None):
         run_dir = Path(args.resume)
         if not (run_dir / "args.json").exists() or not (run_dir / "model" / TRAINING_STATE).exists():
             raise SystemExit(f"--resume {run_dir}: no run with a checkpoint there (runs are resumable when trained with --save-model)")
@@ -544,10 +544,11 @@ def start_run(args, run_name: str):
             if k not in ("resume", "world_size") and hasattr(args, k):
                 setattr(args, k, v)
         run_name = run_dir.name
-    else:
-        run_dir = Path("runs") / run_name
+    else:  # sft.py and reward_model.py take --output-dir (default runs/<run>)
+        run_dir = Path(getattr(args, "output_dir", "") or Path("runs") / run_name)
     args.world_size = size
-    exact_div(args.batch_size, size, "--batch-size / the number of processes (B is global)")
+    if hasattr(args, "batch_size"):  # sft.py and reward_model.py have minibatches only
+        exact_div(args.batch_size, size, "--batch-size / the number of processes (B is global)")
     exact_div(args.minibatch_size, size, "--minibatch-size / the number of processes (M is global)")
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -588,6 +589,25 @@ def wrap(model, args):
         _RUNNERS[model] = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                   forward_sync_buffers=False)
     return model
+
+
+def distributed(model) -> bool:
+    """True for a model given to `wrap` under torchrun: its sampling, scoring and training split rows over ranks. Other
+    models (the task builders', trained by one rank while the others wait on the cache lock) stay local: no collective."""
+    return model in _DISTRIBUTED
+
+
+def forward(model, **inputs):
+    """`model(**inputs)` through what `wrap` made of it (DDP sees the forward; FSDP2 gathers the shards)."""
+    return _RUNNERS.get(model, model)(**inputs)
+
+
+def lockstep(model, n: int, **one_row):
+    """FSDP2 gathers each layer in every forward: after this rank's n forwards of a sharded `model`, run it on `one_row`
+    until this rank has run as many as the busiest rank. Nothing for other models."""
+    if model in _SHARDED:
+        for _ in range(_max_over_ranks(n) - n):
+            forward(model, **one_row)
 
 
 def last_hidden_state(model, **inputs):

@@ -26,7 +26,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import disable_dropout, pad_rows, unpadded_groups  # noqa: E402
-from common import _DISTRIBUTED, _RUNNERS, _SHARDED, _max_over_ranks, all_reduce_mean, exact_div, shard, world, wrap  # noqa: E402
+from common import all_reduce_mean, distributed, forward, lockstep, shard, start_run, world, wrap  # noqa: E402
 
 
 @dataclass
@@ -84,14 +84,11 @@ def reward_scores(reward_model, queries, responses, pad_token_id):
     compute on padding: the forward runs on `common.unpadded_groups`, rows cut to their real tokens and
     grouped by length; equal to the padded batch's scores to float rounding (tests/test_common.py).
     A model given to `common.wrap` runs through its wrapper: DDP sees the forward, FSDP2 gathers the shards."""
-    forward = _RUNNERS.get(reward_model, reward_model)
     scores, order = [], []
     for group, rows, kwargs, _, _ in unpadded_groups(queries, responses, responses != pad_token_id, pad_token_id):
-        scores.append(forward(input_ids=rows, **kwargs).logits[:, 0].float())
+        scores.append(forward(reward_model, input_ids=rows, **kwargs).logits[:, 0].float())
         order.append(group)
-    if reward_model in _SHARDED:  # FSDP2 gathers each layer in every forward: every rank runs as many forwards as the busiest
-        for _ in range(_max_over_ranks(len(order)) - len(order)):
-            forward(input_ids=rows[:1, :1], position_ids=kwargs["position_ids"][:1, :1])
+    lockstep(reward_model, len(order), input_ids=rows[:1, :1], position_ids=kwargs["position_ids"][:1, :1])  # FSDP2 (common.py)
     return torch.cat(scores)[torch.cat(order).argsort()]
 
 
@@ -121,7 +118,7 @@ def reward_model_train(reward_model, pairs, pad_token_id, learning_rate, num_epo
     is averaged over ranks; any other model, such as a task builder's (built by one rank while the others wait on the
     cache lock), trains alone on every minibatch, with no collective."""
     device = next(reward_model.parameters()).device
-    spread = reward_model in _DISTRIBUTED  # given to wrap under torchrun
+    spread = distributed(reward_model)  # given to wrap under torchrun
     reward_model.train()
     disable_dropout(reward_model)
     optimizer = torch.optim.AdamW(reward_model.parameters(), lr=learning_rate, weight_decay=0.0)
@@ -154,39 +151,14 @@ def reward_model_train(reward_model, pairs, pad_token_id, learning_rate, num_epo
     return history
 
 
-def start(args, out: str):
-    """Under torchrun: join the process group (nccl with --cuda, else gloo), take rank 0's output directory, check that
-    the GLOBAL --minibatch-size divides by the world size, and silence the other ranks. Returns (output directory, rank).
-    (common.start_run does this for the Algorithm 1 scripts, which have --batch-size, --resume and runs/<run>.)"""
-    if "WORLD_SIZE" in os.environ:
-        import atexit
-
-        import torch.distributed as dist
-
-        cuda = args.cuda and torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if cuda else "gloo")
-        atexit.register(dist.destroy_process_group)
-        holder = [out]
-        dist.broadcast_object_list(holder, src=0)
-        out = holder[0]
-    elif args.fsdp:
-        raise SystemExit("--fsdp shards over processes: launch with torchrun (torchrun --nproc-per-node N algos/...)")
-    rank, args.world_size = world()
-    exact_div(args.minibatch_size, args.world_size, "--minibatch-size / the number of processes (M is global)")
-    if rank != 0:
-        sys.stdout = open(os.devnull, "w")
-    return Path(out), rank
-
-
 def main(args: Args):
     from tasks import load_reward_model, step_bar
     from tasks.preferences import load_pairs
 
     if not args.model or not args.dataset:
         raise SystemExit("reward_model.py: pass --model (local directory or hub id) and --dataset (file, directory or hub id)")
-    out, rank = start(args, args.output_dir or f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")  # torchrun
+    _, out = start_run(args, f"{args.exp_name}__{args.seed}__{int(time.time())}")  # torchrun; rank 0 writes args.json
+    rank = world()[0]
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
@@ -197,9 +169,6 @@ def main(args: Args):
     perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_eval = int(len(pairs) * args.eval_fraction)
     eval_pairs, train_pairs = [pairs[i] for i in perm[:n_eval]], [pairs[i] for i in perm[n_eval:]]
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
     history = reward_model_train(reward_model, train_pairs, tokenizer.pad_token_id, args.learning_rate, args.num_epochs,
                                  args.minibatch_size, args.seed, step_bar("reward model") if rank == 0 else None)
     accuracy = pairwise_accuracy(reward_model, eval_pairs, tokenizer.pad_token_id) if eval_pairs else float("nan")

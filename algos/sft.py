@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import disable_dropout, pad_rows, response_logprobs, response_mask  # noqa: E402
-from common import _DISTRIBUTED, all_reduce_mean, exact_div, shard, world, wrap  # noqa: E402
+from common import all_reduce_mean, distributed, shard, start_run, world, wrap  # noqa: E402
 
 
 @dataclass
@@ -83,7 +83,7 @@ def sft_train(model, queries, responses, pad_token_id, eos_token_id, learning_ra
     cache lock), trains alone on every minibatch, with no collective.
     """
     device = next(model.parameters()).device
-    spread = model in _DISTRIBUTED  # given to wrap under torchrun
+    spread = distributed(model)  # given to wrap under torchrun
     model.train()
     disable_dropout(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
@@ -120,38 +120,13 @@ def sft_train(model, queries, responses, pad_token_id, eos_token_id, learning_ra
     return history
 
 
-def start(args, out: str):
-    """Under torchrun: join the process group (nccl with --cuda, else gloo), take rank 0's output directory, check that
-    the GLOBAL --minibatch-size divides by the world size, and silence the other ranks. Returns (output directory, rank).
-    (common.start_run does this for the Algorithm 1 scripts, which have --batch-size, --resume and runs/<run>.)"""
-    if "WORLD_SIZE" in os.environ:
-        import atexit
-
-        import torch.distributed as dist
-
-        cuda = args.cuda and torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if cuda else "gloo")
-        atexit.register(dist.destroy_process_group)
-        holder = [out]
-        dist.broadcast_object_list(holder, src=0)
-        out = holder[0]
-    elif args.fsdp:
-        raise SystemExit("--fsdp shards over processes: launch with torchrun (torchrun --nproc-per-node N algos/...)")
-    rank, args.world_size = world()
-    exact_div(args.minibatch_size, args.world_size, "--minibatch-size / the number of processes (M is global)")
-    if rank != 0:
-        sys.stdout = open(os.devnull, "w")
-    return Path(out), rank
-
-
 def main(args: Args):
     from tasks import load_causal_lm, load_rows, prompt_text, step_bar
 
     if not args.model or not args.dataset:
         raise SystemExit("sft.py: pass --model (local directory or hub id) and --dataset (file, directory or hub id)")
-    out, rank = start(args, args.output_dir or f"runs/{args.exp_name}__{args.seed}__{int(time.time())}")  # torchrun
+    _, out = start_run(args, f"{args.exp_name}__{args.seed}__{int(time.time())}")  # torchrun; rank 0 writes args.json
+    rank = world()[0]
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
@@ -160,9 +135,6 @@ def main(args: Args):
     rows = load_rows(args.dataset, args.split, [args.response_column])
     queries = [tokenizer(prompt_text(r, args.prompt_column))["input_ids"][-args.max_length :] for r in rows]
     responses = [tokenizer(r[args.response_column])["input_ids"][: args.max_length - 1] + [tokenizer.eos_token_id] for r in rows]
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
     history = sft_train(model, queries, responses, tokenizer.pad_token_id, tokenizer.eos_token_id, args.learning_rate,
                         args.num_epochs, args.minibatch_size, args.seed, step_bar("sft") if rank == 0 else None)
     state = None

@@ -20,6 +20,7 @@ train prompts, `reward_model=` the proxy reward, `gold_reward_model=` the gold o
 tasks/reward_models.py). The embedded tasks' builds and cache keys do not depend on these.
 """
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -117,6 +118,20 @@ def _intact(directory: Path) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _saves_on_this_rank():
+    """Under torchrun, whichever rank takes a cache's lock builds it alone; transformers' save_pretrained writes nothing on
+    ranks other than 0 of an initialised process group, which would leave a cache without its model files."""
+    from transformers import PreTrainedModel
+
+    rule = PreTrainedModel.should_save_on_this_rank
+    PreTrainedModel.should_save_on_this_rank = lambda self, is_main_process: is_main_process
+    try:
+        yield
+    finally:
+        PreTrainedModel.should_save_on_this_rank = rule
+
+
 def cached(kind: str, recipe: dict, build: Callable[[Path], dict]) -> Path:
     """Directory of artifacts for `recipe`, built by build(tmp_dir) -> summary dict if absent or damaged.
 
@@ -140,7 +155,8 @@ def cached(kind: str, recipe: dict, build: Callable[[Path], dict]) -> Path:
         print(f"[cleanpref] building {kind} (first use: trains what it needs, then loads from {root})", flush=True)
         try:
             start = time.time()
-            with torch.random.fork_rng():  # builds seed themselves; a run must not depend on whether its cache was warm
+            # builds seed themselves (a run must not depend on whether its cache was warm) and save on whichever rank builds
+            with torch.random.fork_rng(), _saves_on_this_rank():
                 summary = build(tmp)
             files = {str(p.relative_to(tmp)): _digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             (tmp / "manifest.json").write_text(json.dumps({"recipe": recipe, "summary": summary, "files": files}, indent=1))
