@@ -526,6 +526,9 @@ def claims(quick: bool):
             lines.append(f"{t:12s} online_dpo, {steps7} gradient steps of M={minibatch7}: " + "  ".join(f"B={b}: {s[b]}" for b in sizes7))
             spread[t] = (s[64].mean - s[512].mean) / (BEST[t] - res.start(arm7(t, 64)).mean)
         lines.append("B=64 minus B=512, as a share of the room above pi_ref: " + ", ".join(f"{t} {v:+.3f}" for t, v in spread.items()))
+        for t in tasks7:  # not a check (the checks compare final rewards): the mean along the curve, i.e. how fast it got there
+            lines.append(f"{t:12s} mean gold over the evaluations after step 0: " +
+                         "  ".join(f"B={b}: {res.stat(arm7(t, b), fn=area)}" for b in sizes7))
         checks.append(("min_length: B=64 > B=512 at equal gradient steps", spread["min_length"] > 0))
         checks.append(("the freshness gain is larger on min_length than on mode_length", spread["min_length"] > spread["mode_length"]))
         return lines, checks
