@@ -16,7 +16,7 @@
   no-grad `response_logprobs` of a wrapped model split its rows over ranks (uniforms drawn for the whole batch, decode
   steps in lockstep) and gather the results, so a run on N processes samples what one process samples.
 
-No compute on padding, measured on min_length (README "Speed"): packed rows (several sequences per
+No compute on padding, measured on min_length (README "Benchmarks"): packed rows (several sequences per
 row, position ids restarting, a block-diagonal mask) ran as fast as length groups on CPU, but need a
 dense [W, W] mask per packed row here (CUDA's varlen kernels avoid that) and rely on the model's mask
 code detecting them; length groups work with any model and keep SDPA's causal fast path.
