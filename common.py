@@ -224,7 +224,7 @@ def response_logprobs(model, queries, responses, pad_token_id: int, eos_token_id
     if responses.shape[1] == 0:
         raise ValueError("response_logprobs: empty responses (no tokens to score)")
     mask = response_mask(responses, pad_token_id, eos_token_id)
-    if not torch.is_grad_enabled() and model in _DISTRIBUTED:  # scoring: every rank holds the whole batch, scores its share
+    if not torch.is_grad_enabled() and distributed(model):  # scoring: every rank holds the whole batch, scores its share
         lo, hi = rank_rows(len(queries))
         logps = _response_logprobs(model, queries[lo:hi], responses[lo:hi], mask[lo:hi], pad_token_id, temperature)
         return gather_rows(logps, len(queries)), mask
@@ -240,9 +240,7 @@ def _response_logprobs(model, queries, responses, mask, pad_token_id, temperatur
         scored = (t >= 0) & (t < n_response[:, None])
         states.append(hidden[scored])
         where.append((group[:, None].expand_as(t)[scored], t[scored]))
-    if model in _SHARDED:  # FSDP2 gathers each layer in every forward: every rank runs as many forwards as the busiest
-        for _ in range(_max_over_ranks(len(groups)) - len(groups)):
-            last_hidden_state(model, input_ids=groups[-1][1][:1, :1], position_ids=groups[-1][2]["position_ids"][:1, :1])
+    lockstep(model, len(groups), input_ids=groups[-1][1][:1, :1], position_ids=groups[-1][2]["position_ids"][:1, :1])  # FSDP2
     row, col = (torch.cat(x) for x in zip(*where))
     labels = responses[row, col].masked_fill(~mask[row, col], 0)  # any in-range id; masked out below
     weight = model.get_output_embeddings().weight
@@ -334,7 +332,7 @@ def generate(model, queries, pad_token_id: int, eos_token_id: int | None, max_ne
         raise ValueError("generate: pad_token_id must differ from eos_token_id, or responses cannot end")
     if queries.dim() != 2 or queries.shape[0] == 0 or max_new_tokens < 1 or not temperature > 0:
         raise ValueError(f"generate: expected queries [B>0, Lq], max_new_tokens >= 1, temperature > 0; got {tuple(queries.shape)}, {max_new_tokens}, {temperature}")
-    spread = model in _DISTRIBUTED  # under torchrun (a model given to `wrap`): this rank samples its share of the rows
+    spread = distributed(model)  # under torchrun (a model given to `wrap`): this rank samples its share of the rows
     total, (lo, hi) = queries.shape[0], rank_rows(queries.shape[0]) if spread else (0, queries.shape[0])
     queries = queries[lo:hi]
     if compile:
