@@ -130,10 +130,15 @@ def test_fsdp_two_processes(tmp_path):
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path):
-    """The CPU twin of --bf16 --cuda: forward passes under bf16 autocast, fp32 weights, finite metrics that move."""
-    _, rows = train("dpo", tmp_path, "bandit_r1", "--num-iterations", "2", "--eval-every", "1", "--bf16", *SIZES)
-    assert all(torch.isfinite(torch.tensor(v)) for r in rows for v in r.values())
-    assert rows[-1]["train/loss"] != rows[1]["train/loss"]
+    """The CPU twin of --bf16 --cuda: forward passes under bf16 autocast (the numbers move off fp32's: autocast is on),
+    fp32 weights and Adam (they stay close: measured train/loss 0.67774 vs 0.67777, logps/chosen -38.469 vs -38.470)."""
+    runs = {}
+    for name, extra in (("fp32", []), ("bf16", ["--bf16"])):
+        (tmp_path / name).mkdir()
+        _, runs[name] = train("dpo", tmp_path / name, "bandit_r1", "--num-iterations", "2", "--eval-every", "1", *extra, *SIZES)
+    for key in ("train/loss", "logps/chosen"):
+        fp32, bf16 = (runs[n][-1][key] for n in ("fp32", "bf16"))
+        assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=2e-3), (key, fp32, bf16)
 
 
 def demos_and_prefs(cwd):
