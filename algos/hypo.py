@@ -9,8 +9,9 @@ on unlabelled samples that pi_theta draws for the prompts of the offline batch. 
 the policy itself. DPO's implicit KL penalty acts only on the data; this one acts where pi puts mass (claim 9). Axes: on-policy
 sampling for the KL term only (the pairs were collected once, from pi_ref; their
 reference log-probs are computed once, before training), sample reuse YES (the pairs come back every
-pass over the dataset; `--update-epochs` T > 1 reuses each batch), negative gradient YES. `samples` counts offline pairs
-(B per iteration, as dpo.py); `train/online_samples` the B * k policy samples drawn so far.
+pass over the dataset; `--update-epochs` T > 1 reuses each batch), negative gradient YES. `samples` counts responses,
+read or generated: 2 per offline pair (as dpo.py) and the k online samples per pair, B * (2 + k) per iteration;
+`train/online_samples` the B * k policy samples drawn so far.
 
 The authors' code is not among the stored repositories; from the paper: samples for the offline batch's prompts, the KL as the sequence
 log-ratio (`eval/kl_ref`'s quantity, not length-normalised). Ours: the k = 2 samples are drawn once per iteration (Algorithm 1's collect
@@ -105,7 +106,7 @@ class Args:
     num_iterations: Optional[int] = None
     """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
     batch_size: int = 64
-    """B, samples (preference pairs) per iteration"""
+    """B, preference pairs per iteration (`samples` counts responses: 2 per pair and the k online samples per pair)"""
     minibatch_size: int = 16
     """M, samples per gradient step"""
     update_epochs: int = 1
@@ -281,7 +282,7 @@ def main(args: Args):
         rejected = pad_rows(rows["rejected_ids"], task.pad_token_id, left=False, device=device)
         batch_ref = ref_logps[batch.to(device)]
         n_pairs = len(batch)
-        samples_seen += n_pairs
+        samples_seen += 2 * n_pairs  # responses read: a pair is two
 
         # ALGO LOGIC: k unlabelled samples from pi_theta for each prompt of the batch, with their reference log-probs
         with torch.no_grad():
@@ -291,6 +292,7 @@ def main(args: Args):
             online_ref, _ = response_logprobs(ref_policy, online_queries, online, task.pad_token_id, task.eos_token_id, task.temperature)
             kl_estimate = (online_logps - online_ref).sum(1).mean().item()  # MC KL(pi || pi_ref) on the batch's prompts
         online_seen += len(online)
+        samples_seen += len(online)  # responses generated count too
 
         # ALGO LOGIC: T passes of minibatch gradient steps over the batch
         stats = []

@@ -95,7 +95,7 @@ class Args:
     num_iterations: Optional[int] = None
     """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
     batch_size: int = 64
-    """B, samples (preference pairs) per iteration"""
+    """B, preference pairs per iteration (`samples` counts responses read: 2 per pair)"""
     minibatch_size: int = 16
     """M, samples per gradient step"""
     update_epochs: int = 1
@@ -253,7 +253,7 @@ def main(args: Args):
         lengths = torch.stack([(y != task.pad_token_id).sum(1).clamp(min=1) for y in (chosen, rejected)], 1)  # EOS counted
         norm = lengths if args.length_normalize else torch.ones_like(batch_ref)  # divides [B, 2] log-probs: token means or sums
         n_pairs = len(batch)
-        samples_seen += n_pairs
+        samples_seen += 2 * n_pairs  # responses read: a pair is two
 
         # ALGO LOGIC: T passes of minibatch gradient steps over the batch
         stats = []

@@ -95,7 +95,7 @@ class Args:
     num_iterations: Optional[int] = None
     """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
     batch_size: int = 64
-    """B, samples (preference pairs) per iteration"""
+    """B, preference pairs per iteration (`samples` counts responses read: 2 per pair)"""
     minibatch_size: int = 16
     """M, samples per gradient step"""
     update_epochs: int = 1
@@ -241,7 +241,7 @@ def main(args: Args):
         rejected = pad_rows(rows["rejected_ids"], task.pad_token_id, left=False, device=device)
         batch_ref = ref_logps[batch.to(device)]
         n_pairs = len(batch)
-        samples_seen += n_pairs
+        samples_seen += 2 * n_pairs  # responses read: a pair is two
 
         # ALGO LOGIC: T passes of minibatch gradient steps over the batch
         stats = []
