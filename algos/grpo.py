@@ -5,6 +5,8 @@
 Shao et al. 2024 (DeepSeekMath, eq. 3): a group of C completions for each of B / C prompts from pi_theta, proxy
 rewards normalised within the group (unbiased std, as TRL), rho_t = pi_theta / pi_old per token (pi_old: the sampling
 pass). Axes: on-policy sampling YES, sample reuse with T > 1 (the clip bounds it), negative gradient YES (A < 0).
+C = 4 by default, as every on-policy script here (every on-policy arm of a claim samples alike); with C = 2 the group
+normalisation reduces A to +-0.71, the sign of the reward difference.
 `--loss-type dr_grpo` (Dr. GRPO, Liu et al. 2025): 1/|y_i| shrinks each token's push-down as a wrong (A < 0) answer
 grows longer, and the std up-weights groups that barely differ; dr_grpo uses r - mean, token sum / (M * max_new_tokens).
 
@@ -95,7 +97,7 @@ class Args:
     """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
     batch_size: int = 64
     """B, samples (completions) per iteration"""
-    num_completions: int = 2
+    num_completions: int = 4
     """C, completions sampled per prompt (B / C prompts per iteration)"""
     minibatch_size: int = 16
     """M, samples per gradient step"""

@@ -7,7 +7,8 @@ Guo et al. 2024 ("Direct language model alignment from online AI feedback"); the
 iteration samples C completions for each of B / C prompts from pi_theta, ranks them with the task's
 proxy reward, pairs the best with the worst, drops pairs whose reward gap is <= a threshold, and
 takes IPO steps against the frozen pi_ref. Axes: on-policy sampling YES, sample reuse only with
-`--update-epochs` T > 1, negative gradient YES.
+`--update-epochs` T > 1, negative gradient YES. Departure: C = 4 completions per prompt where the paper samples 2, so
+that every on-policy arm of a claim samples alike (Best-of-N and RWR draw 4); the pair is the best and the worst of the 4.
 
 Log-probs are sequence sums over response tokens (EOS included, pads never), scored at the sampling
 temperature. Deviation from the study's LLM code: that code compares token t of y_w with token t of
@@ -98,7 +99,7 @@ class Args:
     """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
     batch_size: int = 64
     """B, samples (completions) per iteration"""
-    num_completions: int = 2
+    num_completions: int = 4
     """C, completions sampled per prompt (B / C prompts per iteration)"""
     minibatch_size: int = 16
     """M, samples per gradient step"""

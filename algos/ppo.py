@@ -10,6 +10,7 @@ log-probs), scores them with the proxy reward and spreads credit over tokens: a 
 at the last token, GAE (gamma 1, lambda 0.95) against a value model V, advantages whitened over the batch.
 T passes of M-sized minibatches then minimise the clipped surrogate plus the clipped value loss. Axes: on-policy
 sampling YES, sample reuse with T > 1 (what the clip is for; claim 6), negative gradient YES (A_t < 0).
+C = 4 by default, as every on-policy script here: every on-policy arm of a claim samples alike.
 
 Log-probs are per token (EOS included, pads never), scored at the sampling temperature; losses are token
 means over the minibatch. V is a separate sequence classifier with one output, initialised from the task's
@@ -109,7 +110,7 @@ class Args:
     """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
     batch_size: int = 64
     """B, samples (completions) per iteration"""
-    num_completions: int = 2
+    num_completions: int = 4
     """C, completions sampled per prompt (B / C prompts per iteration)"""
     minibatch_size: int = 16
     """M, samples per gradient step"""

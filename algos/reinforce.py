@@ -6,6 +6,7 @@ Williams 1992; the study's REINFORCE (Tajwar et al. 2024, PAPER.md section 4), w
 baseline (Ahmadian et al. 2024) or a moving average. Each iteration samples C completions for each of
 B / C prompts from pi_theta and scores them with the proxy reward. Axes: on-policy sampling YES, sample
 reuse only with T > 1 (stale samples reused as if fresh: no importance ratio), negative gradient YES (A < 0).
+C = 4 by default, as every on-policy script here: every on-policy arm of a claim samples alike.
 
 Log-probs are sequence sums over response tokens (EOS included, pads never), scored at the sampling
 temperature. `--kl-coef` penalises each sample's log-ratio (sampling-pass log-probs, no gradient) as RLOO
@@ -94,7 +95,7 @@ class Args:
     """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
     batch_size: int = 64
     """B, samples (completions) per iteration"""
-    num_completions: int = 2
+    num_completions: int = 4
     """C, completions sampled per prompt (B / C prompts per iteration)"""
     minibatch_size: int = 16
     """M, samples per gradient step"""
