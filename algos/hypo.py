@@ -9,8 +9,9 @@ on unlabelled samples that pi_theta draws for the prompts of the offline batch. 
 the policy itself. DPO's implicit KL penalty acts only on the data; this one acts where pi puts mass (claim 9). Axes: on-policy
 sampling for the KL term only (the pairs were collected once, from pi_ref; their
 reference log-probs are computed once, before training), sample reuse YES (the pairs come back every
-pass over the dataset; `--update-epochs` T > 1 reuses each batch), negative gradient YES. `samples` counts offline pairs
-(B per iteration, as dpo.py); `train/online_samples` the B * k policy samples drawn so far.
+pass over the dataset; `--update-epochs` T > 1 reuses each batch), negative gradient YES. `samples` counts responses,
+read or generated: 2 per offline pair (as dpo.py) and the k online samples per pair, B * (2 + k) per iteration;
+`train/online_samples` the B * k policy samples drawn so far.
 
 The authors' code is not among the stored repositories; from the paper: samples for the offline batch's prompts, the KL as the sequence
 log-ratio (`eval/kl_ref`'s quantity, not length-normalised). Ours: the k = 2 samples are drawn once per iteration (Algorithm 1's collect
@@ -94,6 +95,10 @@ class Args:
     """save the policy to runs/{run_name}/model at every evaluation (the last one is the final policy)"""
     eval_every: int = 10
     """evaluate on held-out prompts every this many iterations (and at 0 and the end)"""
+    eval_dense_every: int = 2
+    """up to iteration --eval-dense-until, evaluate every this many iterations instead (where learning curves move)"""
+    eval_dense_until: int = 0
+    """the end of that denser start (0: none; the study passes 30)"""
     num_eval_prompts: int = 128
     """held-out prompts per evaluation"""
 
@@ -101,7 +106,7 @@ class Args:
     num_iterations: Optional[int] = None
     """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
     batch_size: int = 64
-    """B, samples (preference pairs) per iteration"""
+    """B, preference pairs per iteration (`samples` counts responses: 2 per pair and the k online samples per pair)"""
     minibatch_size: int = 16
     """M, samples per gradient step"""
     update_epochs: int = 1
@@ -225,9 +230,10 @@ def main(args: Args):
     start, samples_seen, online_seen = time.time(), 0, 0
 
     def log(iteration, metrics):
-        """Write one row of metrics; at iteration 0, every eval_every and the last, evaluate (and checkpoint) first."""
+        """Write one row of metrics; at iteration 0, on the eval schedule and the last, evaluate (and checkpoint) first."""
         table, metrics = None, all_reduce_mean(metrics)  # training statistics: the mean over ranks
-        if iteration % args.eval_every == 0 or iteration == args.num_iterations:
+        every = args.eval_dense_every if iteration <= args.eval_dense_until else args.eval_every
+        if iteration % every == 0 or iteration == args.num_iterations:
             eval_metrics, table = evaluate(policy, ref_policy, task, eval_prompts, args.seed, args.compile)
             metrics = {**metrics, **eval_metrics}
         row = {"iteration": iteration, "samples": samples_seen, "time_s": round(time.time() - start, 3), **metrics}
@@ -276,7 +282,7 @@ def main(args: Args):
         rejected = pad_rows(rows["rejected_ids"], task.pad_token_id, left=False, device=device)
         batch_ref = ref_logps[batch.to(device)]
         n_pairs = len(batch)
-        samples_seen += n_pairs
+        samples_seen += 2 * n_pairs  # responses read: a pair is two
 
         # ALGO LOGIC: k unlabelled samples from pi_theta for each prompt of the batch, with their reference log-probs
         with torch.no_grad():
@@ -286,6 +292,7 @@ def main(args: Args):
             online_ref, _ = response_logprobs(ref_policy, online_queries, online, task.pad_token_id, task.eos_token_id, task.temperature)
             kl_estimate = (online_logps - online_ref).sum(1).mean().item()  # MC KL(pi || pi_ref) on the batch's prompts
         online_seen += len(online)
+        samples_seen += len(online)  # responses generated count too
 
         # ALGO LOGIC: T passes of minibatch gradient steps over the batch
         stats = []

@@ -84,6 +84,10 @@ class Args:
     """save the policy to runs/{run_name}/model at every evaluation (the last one is the final policy)"""
     eval_every: int = 10
     """evaluate on held-out prompts every this many iterations (and at 0 and the end)"""
+    eval_dense_every: int = 2
+    """up to iteration --eval-dense-until, evaluate every this many iterations instead (where learning curves move)"""
+    eval_dense_until: int = 0
+    """the end of that denser start (0: none; the study passes 30)"""
     num_eval_prompts: int = 128
     """held-out prompts per evaluation"""
 
@@ -91,7 +95,7 @@ class Args:
     num_iterations: Optional[int] = None
     """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
     batch_size: int = 64
-    """B, samples (preference pairs) per iteration"""
+    """B, preference pairs per iteration (`samples` counts responses read: 2 per pair)"""
     minibatch_size: int = 16
     """M, samples per gradient step"""
     update_epochs: int = 1
@@ -198,9 +202,10 @@ def main(args: Args):
     start, samples_seen = time.time(), 0
 
     def log(iteration, metrics):
-        """Write one row of metrics; at iteration 0, every eval_every and the last, evaluate (and checkpoint) first."""
+        """Write one row of metrics; at iteration 0, on the eval schedule and the last, evaluate (and checkpoint) first."""
         table, metrics = None, all_reduce_mean(metrics)  # training statistics: the mean over ranks
-        if iteration % args.eval_every == 0 or iteration == args.num_iterations:
+        every = args.eval_dense_every if iteration <= args.eval_dense_until else args.eval_every
+        if iteration % every == 0 or iteration == args.num_iterations:
             eval_metrics, table = evaluate(policy, ref_policy, task, eval_prompts, args.seed, args.compile)
             metrics = {**metrics, **eval_metrics}
         row = {"iteration": iteration, "samples": samples_seen, "time_s": round(time.time() - start, 3), **metrics}
@@ -248,7 +253,7 @@ def main(args: Args):
         lengths = torch.stack([(y != task.pad_token_id).sum(1).clamp(min=1) for y in (chosen, rejected)], 1)  # EOS counted
         norm = lengths if args.length_normalize else torch.ones_like(batch_ref)  # divides [B, 2] log-probs: token means or sums
         n_pairs = len(batch)
-        samples_seen += n_pairs
+        samples_seen += 2 * n_pairs  # responses read: a pair is two
 
         # ALGO LOGIC: T passes of minibatch gradient steps over the batch
         stats = []

@@ -7,14 +7,15 @@ Guo et al. 2024 ("Direct language model alignment from online AI feedback"); the
 iteration samples C completions for each of B / C prompts from pi_theta, ranks them with the task's
 proxy reward, pairs the best with the worst, drops pairs whose reward gap is <= a threshold, and
 takes DPO steps against the frozen pi_ref. Axes: on-policy sampling YES, sample reuse only with
-`--update-epochs` T > 1, negative gradient YES.
+`--update-epochs` T > 1, negative gradient YES. Departure: C = 4 completions per prompt where the paper samples 2, so
+that every on-policy arm of a claim samples alike (Best-of-N and RWR draw 4); the pair is the best and the worst of the 4.
 
 Log-probs are sequence sums over response tokens (EOS included, pads never), scored at the sampling
 temperature. Deviation from the study's LLM code: that code compares token t of y_w with token t of
 y_l; here each response's log-probs are summed first, as the paper's equation says.
 
     python algos/online_dpo.py --task skew_length
-    python algos/online_dpo.py --task bandit_r1 --num-completions 4 --update-epochs 2
+    python algos/online_dpo.py --task bandit_r1 --num-completions 2 --update-epochs 2  # the paper's C
 """
 
 import json
@@ -85,6 +86,10 @@ class Args:
     """save the policy to runs/{run_name}/model at every evaluation (the last one is the final policy)"""
     eval_every: int = 10
     """evaluate on held-out prompts every this many iterations (and at 0 and the end)"""
+    eval_dense_every: int = 2
+    """up to iteration --eval-dense-until, evaluate every this many iterations instead (where learning curves move)"""
+    eval_dense_until: int = 0
+    """the end of that denser start (0: none; the study passes 30)"""
     num_eval_prompts: int = 128
     """held-out prompts per evaluation"""
 
@@ -93,7 +98,7 @@ class Args:
     """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
     batch_size: int = 64
     """B, samples (completions) per iteration"""
-    num_completions: int = 2
+    num_completions: int = 4
     """C, completions sampled per prompt (B / C prompts per iteration)"""
     minibatch_size: int = 16
     """M, samples per gradient step"""
@@ -207,9 +212,10 @@ def main(args: Args):
     start, samples_seen = time.time(), 0
 
     def log(iteration, metrics):
-        """Write one row of metrics; at iteration 0, every eval_every and the last, evaluate (and checkpoint) first."""
+        """Write one row of metrics; at iteration 0, on the eval schedule and the last, evaluate (and checkpoint) first."""
         table, metrics = None, all_reduce_mean(metrics)  # training statistics: the mean over ranks
-        if iteration % args.eval_every == 0 or iteration == args.num_iterations:
+        every = args.eval_dense_every if iteration <= args.eval_dense_until else args.eval_every
+        if iteration % every == 0 or iteration == args.num_iterations:
             eval_metrics, table = evaluate(policy, ref_policy, task, eval_prompts, args.seed, args.compile)
             metrics = {**metrics, **eval_metrics}
         row = {"iteration": iteration, "samples": samples_seen, "time_s": round(time.time() - start, 3), **metrics}

@@ -6,6 +6,7 @@ Williams 1992; the study's REINFORCE (Tajwar et al. 2024, PAPER.md section 4), w
 baseline (Ahmadian et al. 2024) or a moving average. Each iteration samples C completions for each of
 B / C prompts from pi_theta and scores them with the proxy reward. Axes: on-policy sampling YES, sample
 reuse only with T > 1 (stale samples reused as if fresh: no importance ratio), negative gradient YES (A < 0).
+C = 4 by default, as every on-policy script here: every on-policy arm of a claim samples alike.
 
 Log-probs are sequence sums over response tokens (EOS included, pads never), scored at the sampling
 temperature. `--kl-coef` penalises each sample's log-ratio (sampling-pass log-probs, no gradient) as RLOO
@@ -82,6 +83,10 @@ class Args:
     """save the policy to runs/{run_name}/model at every evaluation (the last one is the final policy)"""
     eval_every: int = 10
     """evaluate on held-out prompts every this many iterations (and at 0 and the end)"""
+    eval_dense_every: int = 2
+    """up to iteration --eval-dense-until, evaluate every this many iterations instead (where learning curves move)"""
+    eval_dense_until: int = 0
+    """the end of that denser start (0: none; the study passes 30)"""
     num_eval_prompts: int = 128
     """held-out prompts per evaluation"""
 
@@ -90,7 +95,7 @@ class Args:
     """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
     batch_size: int = 64
     """B, samples (completions) per iteration"""
-    num_completions: int = 2
+    num_completions: int = 4
     """C, completions sampled per prompt (B / C prompts per iteration)"""
     minibatch_size: int = 16
     """M, samples per gradient step"""
@@ -197,9 +202,10 @@ def main(args: Args):
     start, samples_seen = time.time(), 0
 
     def log(iteration, metrics):
-        """Write one row of metrics; at iteration 0, every eval_every and the last, evaluate (and checkpoint) first."""
+        """Write one row of metrics; at iteration 0, on the eval schedule and the last, evaluate (and checkpoint) first."""
         table, metrics = None, all_reduce_mean(metrics)  # training statistics: the mean over ranks
-        if iteration % args.eval_every == 0 or iteration == args.num_iterations:
+        every = args.eval_dense_every if iteration <= args.eval_dense_until else args.eval_every
+        if iteration % every == 0 or iteration == args.num_iterations:
             eval_metrics, table = evaluate(policy, ref_policy, task, eval_prompts, args.seed, args.compile)
             metrics = {**metrics, **eval_metrics}
         row = {"iteration": iteration, "samples": samples_seen, "time_s": round(time.time() - start, 3), **metrics}

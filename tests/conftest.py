@@ -56,7 +56,8 @@ def smoke(script, task, cwd, train_keys, *args):
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert all({"iteration", "samples", "time_s"} | EVAL_KEYS <= set(r) for r in rows)
     assert {"train/loss", "train/grad_norm"} | set(train_keys) <= set(rows[-1]), sorted(rows[-1])
-    assert rows[-1]["samples"] == 16 and all(math.isfinite(v) for r in rows for v in r.values())
+    assert rows[-1]["samples"] == 16 * {"pref_ft": 2, "dpo": 2, "ipo": 2, "hypo": 4}.get(script, 1)  # responses: a pair is 2, HyPO adds k = 2
+    assert all(math.isfinite(v) for r in rows for v in r.values())
     assert rows[0]["eval/kl_ref"] == pytest.approx(0.0, abs=1e-4)  # the policy starts at pi_ref
     assert (next((cwd / "runs").iterdir()) / "model" / "config.json").exists()
     return args, rows

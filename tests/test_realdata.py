@@ -284,7 +284,7 @@ def test_dpo_trains_on_ultrafeedback_rows_through_dataset(fixtures, tmp_path):
     # 40 train_prefs rows, every fifth a tie; the 12 test_prefs prompts evaluate
     assert "40 rows -> 32 pairs; dropped 8 ties" in out.stdout and "12 eval prompts (split test_prefs)" in out.stdout
     _, rows = metrics_of(tmp_path, "dpo", "ultrafeedback")
-    assert [r["iteration"] for r in rows] == list(range(13)) and rows[-1]["samples"] == 96
+    assert [r["iteration"] for r in rows] == list(range(13)) and rows[-1]["samples"] == 2 * 96  # responses: 2 per pair
     assert all(EVAL_KEYS <= set(rows[i]) for i in (0, 6, 12)) and rows[0]["eval/kl_ref"] == pytest.approx(0.0, abs=1e-4)
     # learning: three passes over the 32 pairs. Measured (seed 1): accuracy 0.42 over iterations 1-3 -> 1.00 over 10-12,
     # loss 0.693 -> 0.504; the thresholds leave room for float differences across machines
