@@ -305,7 +305,7 @@ def _static_decoder(model, batch: int, length: int):
 COMPACT_AT = 0.25  # drop finished rows once they are this share of the batch (0.125-0.5 measured alike on min_length)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # cheaper per op than no_grad (measured 1.14-1.19x on min_length)
 def generate(model, queries, pad_token_id: int, eos_token_id: int | None, max_new_tokens: int, temperature: float = 1.0,
              generator: torch.Generator | None = None, compile: bool = False):
     """Sample responses from a Hugging Face causal LM with a KV cache.
@@ -386,9 +386,9 @@ def generate(model, queries, pad_token_id: int, eos_token_id: int | None, max_ne
             out = model(input_ids=token[:, None], attention_mask=mask if mask is None else mask[..., : lq + t + 1], position_ids=position,
                         cache=cache, use_cache=True)
         logits = out.logits[:, -1]
-    if spread:
-        return gather_rows(responses[:, : t + 1], total), gather_rows(logps[:, : t + 1], total)
-    return responses[:, : t + 1], logps[:, : t + 1]
+    responses, logps = (gather_rows(x[:, : t + 1], total) if spread else x[:, : t + 1] for x in (responses, logps))
+    with torch.inference_mode(False):  # normal tensors out: inference tensors cannot be saved for backward
+        return responses.clone(), logps.clone()
 
 
 def pad_rows(rows, pad_token_id: int, left: bool, device=None):
