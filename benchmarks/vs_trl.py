@@ -143,9 +143,10 @@ def _checkout(root):
 def breakdown(threads, baseline=None, rounds=12):
     """Where one online_dpo iteration goes (the script's own steps, timed one by one), against the model's FLOPs.
 
-    The FLOP floor of a step is its real tokens (x3 for forward + backward) at the rate of a dense matmul of the
-    model's shapes, measured in every round beside the steps (the machine's speed drifts). With `baseline`, that
-    checkout's common.py and online_dpo.py run the same iterations (same draws) in the same rounds, interleaved."""
+    The FLOP floor of a step is its real tokens (x3 for forward + backward; sampling: each distinct prompt once, then the
+    responses) at the rate of a dense matmul of the model's shapes, measured in every round beside the steps (the
+    machine's speed drifts). With `baseline`, that checkout's common.py and online_dpo.py run the same iterations
+    (same draws) in the same rounds, interleaved."""
     import torch
 
     from tasks import make_task
@@ -198,10 +199,10 @@ def breakdown(threads, baseline=None, rounds=12):
                 for k, dt in zip(names, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
                     steps[side][k].append(dt)
         if it >= WARMUP:  # the same draws on every side: the same tokens
-            n_query = int((queries != pad).sum())
+            n_prompt, n_query = int((prompts != pad).sum()), int((queries != pad).sum())  # sampling needs each prompt once
             n_response = int((responses != pad).sum())
             n_pair = n_query + int((chosen != pad).sum() + (rejected != pad).sum())
-            for k, n in zip(names, (n_query + n_response, n_query + n_response, n_pair, 3 * n_pair, None)):
+            for k, n in zip(names, (n_prompt + n_response, n_query + n_response, n_pair, 3 * n_pair, None)):
                 tokens[k].append(n)
             peaks.append(peak)
     peak = statistics.median(peaks)
