@@ -1,6 +1,7 @@
 """Sampling throughput: cleanpref's `common.generate` vs Hugging Face `model.generate`, side by side.
 
     OMP_NUM_THREADS=1 python benchmarks/generate.py
+    OMP_NUM_THREADS=1 python benchmarks/generate.py --baseline ../before   # also another checkout's generate, interleaved
     python benchmarks/generate.py --cuda --compile          # on a GPU, with the static-cache compiled decode step too
 
 Three workloads, each at batch 16 and 64, temperature 1, no top-k/top-p:
@@ -50,9 +51,10 @@ def workloads(device, tiny=False):
     yield "fixed length", fixed, prompts, 0, None, 32, 1
 
 
-def sample_rates(model, q, pad, eos, new, repeats, compile=False):
-    """Median tokens/s of `common.generate` ("helper"), `model.generate` and, with compile, `generate(compile=True)`, calls
-    interleaved (after one warm-up each, which compiles); and max |sampling log-prob - teacher-forced recompute|."""
+def sample_rates(model, q, pad, eos, new, repeats, compile=False, before=None):
+    """Median tokens/s of `common.generate` ("helper"), `model.generate`, with compile `generate(compile=True)` and with
+    `before` (another checkout's generate) that one, calls interleaved (after one warm-up each, which compiles); and
+    max |sampling log-prob - teacher-forced recompute|."""
     cuda = q.device.type == "cuda"
     g = torch.Generator(q.device).manual_seed(0)
     fns = {"helper": lambda: generate(model, q, pad, eos, new, 1.0, g)[0],
@@ -61,6 +63,8 @@ def sample_rates(model, q, pad, eos, new, repeats, compile=False):
                                                     min_new_tokens=new if eos is None else 0)[:, q.shape[1]:]}
     if compile:
         fns["helper compile=True"] = lambda: generate(model, q, pad, eos, new, 1.0, g, compile=True)[0]
+    if before is not None:
+        fns["helper before"] = lambda: before(model, q, pad, eos, new, 1.0, g)[0]
     rate = {k: [] for k in fns}
     for fn in fns.values():  # warm-up (and compile)
         fn()
@@ -94,20 +98,27 @@ def main():
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--compile", action="store_true", help="also time common.generate(compile=True) (static cache, compiled step)")
+    p.add_argument("--baseline", default=None, help="another cleanpref checkout whose common.generate joins the rounds (before a change)")
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     device = torch.device("cuda" if a.cuda else "cpu")
     print(f"{device}, threads={torch.get_num_threads()}, fp32\n")
-    cols = ["helper", "model.generate"] + (["helper compile=True"] if a.compile else [])
-    print(f"| workload | batch | {' | '.join(c + ' tok/s' for c in cols)} | helper / generate | max abs(sampling logp - recompute) |")
-    print("|---|---|" + "---|" * (len(cols) + 2))
+    cols = ["helper", "model.generate"] + (["helper compile=True"] if a.compile else []) + (["helper before"] if a.baseline else [])
+    if a.baseline:
+        from vs_trl import checkout
+
+        before = checkout(Path(a.baseline).resolve())[0].generate
+    print(f"| workload | batch | {' | '.join(c + ' tok/s' for c in cols)} | helper / generate |"
+          + (" before / generate |" if a.baseline else "") + " max abs(sampling logp - recompute) |")
+    print("|---|---|" + "---|" * (len(cols) + 2 + bool(a.baseline)))
     for name, model, prompts, pad, eos, new, c in workloads(device):
         for b in a.batch_sizes:
-            med, err = sample_rates(model, queries(prompts, b, c, pad, device), pad, eos, new, a.repeats, a.compile)
-            print(f"| {name} | {b} | {' | '.join(f'{med[c]:.0f}' for c in cols)} | {med['helper'] / med['model.generate']:.2f}x | {err:.1e} |",
-                  flush=True)
+            med, err = sample_rates(model, queries(prompts, b, c, pad, device), pad, eos, new, a.repeats, a.compile,
+                                    before if a.baseline else None)
+            ratios = f"{med['helper'] / med['model.generate']:.2f}x" + (f" | {med['helper before'] / med['model.generate']:.2f}x" if a.baseline else "")
+            print(f"| {name} | {b} | {' | '.join(f'{med[c]:.0f}' for c in cols)} | {ratios} | {err:.1e} |", flush=True)
     print(f"\nreproduce: OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/generate.py" + (" --cuda" if a.cuda else "")
-          + (" --compile" if a.compile else ""))
+          + (" --compile" if a.compile else "") + (f" --baseline {a.baseline}" if a.baseline else ""))
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def worker(name, iterations, threads):
     return trl_times(setting, iterations, threads)
 
 
-def _checkout(root):
+def checkout(root):
     """(common, online_dpo) modules of the cleanpref checkout at `root`, imported beside this one's."""
     import importlib.util
 
@@ -153,7 +153,7 @@ def breakdown(threads, baseline=None, rounds=12):
 
     torch.set_num_threads(threads)
     roots = {"now": ROOT} if baseline is None else {"now": ROOT, "baseline": Path(baseline)}
-    sides = {k: _checkout(r) for k, r in roots.items()}
+    sides = {k: checkout(r) for k, r in roots.items()}
     task = make_task(TASK)
     models = {k: (task.load_policy(), task.load_policy().requires_grad_(False)) for k in roots}
     opts = {k: torch.optim.Adam(models[k][0].parameters(), lr=LR) for k in roots}
