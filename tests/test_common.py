@@ -320,7 +320,7 @@ def test_generate_prefills_each_prompt_once_and_equals_the_reference(tiny_lm, ba
     finally:
         handle.remove()
     assert prefill[0] == (len(torch.unique_consecutive(q, dim=0)), 5) and prefill[0][0] <= batch // completions
-    assert not r.is_inference() and not lp.is_inference()  # sampled under inference_mode, handed back as normal tensors
+    assert not r.is_inference() and not lp.is_inference()  # the model runs under inference_mode; callers get normal tensors
     ref_r, ref_lp = reference_sample(model, q, 30, 1.0, torch.Generator().manual_seed(3), eos)
     assert torch.equal(r, ref_r)
     torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=0)
