@@ -8,8 +8,8 @@ Parts (each a few rows of the table; a part that fails prints its error in its r
 - tasks: builds min_length and skew_length on first use (cached under $CLEANPREF_CACHE), timed apart.
 - logprobs: `common.fused_logprobs` against the naive log-softmax and `F.linear_cross_entropy` (default options),
   forward + backward: time and peak memory beyond the inputs, fp32 and bf16, V = 32k and 128k (N = 4096 rows, d = 2048).
-- generate: `common.generate` against `model.generate` (tokens/s, batch 64, benchmarks/generate.py's workloads), with and
-  without `compile=True` (static cache, compiled decode step with CUDA graphs; the first call compiles, untimed).
+- generate: `common.generate` against `model.generate` (tokens/s, batch 64, benchmarks/generate.py's workloads), and on
+  min_length `compile=True` too (static cache, compiled decode step with CUDA graphs; the first call compiles, untimed).
 - main: the main job, `online_dpo.py --task skew_length` with `--cuda` and with `--cuda --bf16`: wall time, final gold.
 - fsdp: `torchrun --nproc-per-node 1 online_dpo.py --cuda --fsdp --save-model` (FSDP2 on one process, nccl), 10 iterations.
 - llama100m: one `online_dpo.py` iteration (sampling 32 prompts x 2 completions of 128 tokens, reward model, reference,
@@ -120,7 +120,9 @@ def part_logprobs(a, out):
             for name, fn in impls.items():
                 call = lambda: run_once(fn, h, w, y, True)  # noqa: E731
                 try:
-                    res[name] = (timed(call, a.repeats, cuda), peak_mib(call, cuda))
+                    t = timed(call, a.repeats, cuda)
+                    h.grad = w.grad = None  # the peak is measured from the inputs alone, gradients included in it
+                    res[name] = (t, peak_mib(call, cuda))
                 except Exception as err:  # e.g. out of memory: the row says so
                     out.add("logprobs", f"{str(dtype)[6:]} V={v} {name}", f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}")
                     continue
@@ -139,10 +141,11 @@ def part_generate(a, out):
 
     from generate import queries, sample_rates, workloads
 
-    batch, compile = (4 if a.tiny else 64), a.device == "cuda"  # compiling on CPU takes a minute: not in a dry run
+    batch = 4 if a.tiny else 64
     for name, model, prompts, pad, eos, new, c in workloads(torch.device(a.device), a.tiny):
         if c > 1:
             continue
+        compile = a.device == "cuda" and name.startswith("min_length")  # one compile (~1 min); on CPU it takes a minute too
         rates, err = sample_rates(model, queries(prompts, batch, c, pad, a.device), pad, eos, new, a.repeats, compile)
         hf = rates["model.generate"]
         out.add("generate", f"{name}, batch {batch}: model.generate", f"{hf:.0f} tok/s")
