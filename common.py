@@ -27,11 +27,11 @@ and `benchmarks/logprobs.py` measures this Function as fast as the built-in with
 and faster than it with its default options, at the same memory (table in the README).
 """
 
+import functools
 import os
 import weakref
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer, StaticCache
 
 
 def _chunk_rows(device: torch.device) -> int:
@@ -91,14 +91,7 @@ class _FusedLogProbs(torch.autograd.Function):
                 torch.mm(z, w, out=dh[s:e])
             if dw is not None:
                 dw.addmm_(z.t(), h)
-        return (
-            None if dh is None else dh.to(hidden.dtype),
-            None if dw is None else dw.to(weight.dtype),
-            None,
-            None,
-            None,
-            None,
-        )
+        return None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype), None, None, None, None
 
 
 def fused_logprobs(hidden, weight, labels, temperature: float = 1.0, chunk_size: int | None = None, banned_token: int | None = None):
@@ -249,39 +242,44 @@ def _response_logprobs(model, queries, responses, mask, pad_token_id, temperatur
     return logps.masked_fill(~mask, 0.0)
 
 
-class _SlabLayer(DynamicLayer):
-    """A full-attention KV cache layer that writes into a preallocated [B, heads, capacity, head_dim] slab.
+@functools.cache
+def _slab_layer():
+    """A full-attention KV cache layer class that writes into a preallocated [B, heads, capacity, head_dim] slab (made on
+    first use: `--help` should not pay for importing transformers). Hugging Face's DynamicLayer concatenates the whole cache
+    at every step: O(L) copying per token, O(L^2) per response. Keys and values handed to attention are views."""
+    from transformers.cache_utils import DynamicLayer
 
-    Hugging Face's DynamicLayer concatenates the whole cache at every step: O(L) copying per token, O(L^2) per
-    response, which on long responses costs more than the model. Keys and values handed to attention are views.
-    """
+    class SlabLayer(DynamicLayer):
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.length = capacity, 0
 
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity, self.length = capacity, 0
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self.slabs = [x.new_empty(*x.shape[:2], self.capacity, x.shape[3]) for x in (key_states, value_states)]
+            n = self.length + key_states.shape[-2]
+            self.slabs[0][:, :, self.length : n] = key_states
+            self.slabs[1][:, :, self.length : n] = value_states
+            self.length = n
+            self.keys, self.values = self.slabs[0][:, :, :n], self.slabs[1][:, :, :n]
+            return self.keys, self.values
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            self.slabs = [x.new_empty(*x.shape[:2], self.capacity, x.shape[3]) for x in (key_states, value_states)]
-        n = self.length + key_states.shape[-2]
-        self.slabs[0][:, :, self.length : n] = key_states
-        self.slabs[1][:, :, self.length : n] = value_states
-        self.length = n
-        self.keys, self.values = self.slabs[0][:, :, :n], self.slabs[1][:, :, :n]
-        return self.keys, self.values
+        def batch_select_indices(self, indices):  # drop finished rows, or copy a prompt's rows to its completions
+            if self.is_initialized:
+                self.slabs = [s[indices] for s in self.slabs]
+                self.keys, self.values = self.slabs[0][:, :, : self.length], self.slabs[1][:, :, : self.length]
 
-    def batch_select_indices(self, indices):  # drop finished rows
-        if self.is_initialized:
-            self.slabs = [s[indices] for s in self.slabs]
-            self.keys, self.values = self.slabs[0][:, :, : self.length], self.slabs[1][:, :, : self.length]
+    return SlabLayer
 
 
 def _slab_cache(model, capacity: int):
-    """Hugging Face's DynamicCache for `model` with its full-attention layers replaced by `_SlabLayer`s
+    """Hugging Face's DynamicCache for `model` with its full-attention layers replaced by `_slab_layer`s
     (sliding-window and other special layers keep their own)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
     cache = DynamicCache(config=model.config)
-    cache.layers = [_SlabLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [_slab_layer()(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
 
 
@@ -296,10 +294,11 @@ def _static_decoder(model, batch: int, length: int):
         _COMPILED[model] = (torch.compile(model, fullgraph=True, mode=mode), {})
     step, caches = _COMPILED[model]
     if (batch, length) not in caches:
+        from transformers.cache_utils import StaticCache
+
         caches[(batch, length)] = StaticCache(config=model.config, max_cache_len=length)
-    cache = caches[(batch, length)]
-    cache.reset()
-    return step, cache
+    caches[(batch, length)].reset()
+    return step, caches[(batch, length)]
 
 
 COMPACT_AT = 0.25  # drop finished rows once they are this share of the batch (0.125-0.5 measured alike on min_length)
@@ -310,23 +309,20 @@ def generate(model, queries, pad_token_id: int, eos_token_id: int | None, max_ne
              generator: torch.Generator | None = None, compile: bool = False):
     """Sample responses from a Hugging Face causal LM with a KV cache.
 
-    queries: [B, Lq] left-padded with pad_token_id. Each row stops at its first EOS (eos_token_id
-    None: fixed length max_new_tokens); positions after it hold pad_token_id (which must differ from
-    EOS). The loop ends once every row is done. generator: a torch.Generator on the model's device.
-    The pad token is never sampled (its logit is -inf: a sampled pad would read as padding), so the
-    policy is the model restricted to non-pad tokens, in sampling and in `response_logprobs` alike.
-    Returns (responses [B, L] int64, logps [B, L] fp32: log-prob of each sampled token at
+    queries: [B, Lq] left-padded with pad_token_id. Each row stops at its first EOS (eos_token_id None: fixed length
+    max_new_tokens); positions after it hold pad_token_id (which must differ from EOS). The loop ends once every row is
+    done. generator: a torch.Generator on the model's device. The pad token is never sampled (its logit is -inf: a sampled
+    pad would read as padding), so the policy is the model restricted to non-pad tokens, in sampling and in
+    `response_logprobs` alike. Returns (responses [B, L] int64, logps [B, L] fp32: log-prob of each sampled token at
     `temperature`, 0 on pads), L <= max_new_tokens. A response without EOS was truncated.
 
-    Sampling draws one uniform per row and step from `generator`, for every row (finished ones
-    included), and picks the token by inverse CDF: the tokens depend only on the generator and the
-    model's logits, not on the batching below.
-    - Default (eager): the KV cache lives in preallocated slabs (`_SlabLayer`) and finished rows are
-      dropped from the batch once they are COMPACT_AT of it, so they stop costing compute.
-    - compile=True (for CUDA): a StaticCache and a compiled decode step (CUDA graphs on a GPU), the
-      batch kept whole so that shapes stay static; the query width is rounded up to a multiple of 32
-      (more left pads) so that a run compiles for a few shapes only. The first calls compile (minutes
-      on a large model); worth it for long runs.
+    Sampling draws one uniform per row and step from `generator`, for every row (finished ones included), and picks the
+    token by inverse CDF: the tokens depend only on the generator and the model's logits, not on the batching below.
+    - Default (eager): equal consecutive rows (a prompt repeated for its C completions) are prefilled once; the KV cache
+      lives in preallocated slabs (`_slab_layer`); finished rows leave the batch once they are COMPACT_AT of it.
+    - compile=True (for CUDA; on CPU slower at batch 64 and a minute to compile, README "Benchmarks"): a StaticCache and
+      a compiled decode step (CUDA graphs on a GPU), the batch kept whole so that shapes stay static; the query width is
+      rounded up to a multiple of 32 so that a run compiles for a few shapes only. Worth it for long runs.
     """
     if pad_token_id == eos_token_id:
         raise ValueError("generate: pad_token_id must differ from eos_token_id, or responses cannot end")
@@ -337,17 +333,26 @@ def generate(model, queries, pad_token_id: int, eos_token_id: int | None, max_ne
     queries = queries[lo:hi]
     if compile:
         queries = torch.nn.functional.pad(queries, (-queries.shape[1] % 32, 0), value=pad_token_id)
-    b, lq = queries.shape
-    device = queries.device
-    attn = torch.ones(b, lq + max_new_tokens, dtype=torch.long, device=device)
-    attn[:, :lq] = queries != pad_token_id
-    position = (attn[:, :lq].cumsum(1) - 1).clamp(min=0)
+    (b, lq), device = queries.shape, queries.device
+    real = queries != pad_token_id
     step, cache = _static_decoder(model, b, lq + max_new_tokens) if compile else (model, _slab_cache(model, lq + max_new_tokens))
-    logits = model(input_ids=queries, attention_mask=attn[:, :lq], position_ids=position, past_key_values=cache, use_cache=True,
-                   logits_to_keep=1).logits[:, -1]
-    position = position[:, -1:]
-    responses = torch.full((b, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    logps = torch.zeros(b, max_new_tokens, device=device)
+    # callers repeat each prompt C times in a row: the eager path prefills each distinct prompt once, then copies its cache rows
+    prompts, copies = (queries, None) if compile else torch.unique_consecutive(queries, dim=0, return_inverse=True)
+    mask = prompts != pad_token_id
+    fast = torch.inference_mode(not compile and model not in _SHARDED)  # 1.14-1.19x here; static caches and FSDP2 reuse buffers
+    with fast:
+        logits = model(input_ids=prompts, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), cache=cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]
+    if len(prompts) < b:
+        cache.batch_select_indices(copies)
+        logits = logits[copies]
+    position = (real.sum(1, keepdim=True) - 1).clamp(min=0)
+    mask = torch.cat([real, real.new_ones(b, max_new_tokens)], 1)  # the decode steps' mask, built once
+    if not compile and bool(real.all()):  # no left pads: no mask at all (causal)
+        mask = None
+    elif not compile and model.config._attn_implementation == "sdpa" and all(type(x) is _slab_layer() for x in cache.layers):
+        mask = mask[:, None, None, :]  # SDPA's own [B, 1, 1, L] form: nothing to convert at each step
+    responses, logps = torch.full((b, max_new_tokens), pad_token_id, dtype=torch.long, device=device), torch.zeros(b, max_new_tokens, device=device)
     rows = torch.arange(b, device=device)  # the original row of each row still in the batch
     done = torch.zeros(b, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
@@ -370,15 +375,16 @@ def generate(model, queries, pad_token_id: int, eos_token_id: int | None, max_ne
             keep = (~done).nonzero().squeeze(1)
             keep = keep if len(keep) else keep.new_zeros(1)  # all done here, not elsewhere: one row keeps stepping
             cache.batch_select_indices(keep)
-            rows, token, position, done, attn = rows[keep], token[keep], position[keep], done[keep], attn[keep]
+            rows, token, position, done, mask = rows[keep], token[keep], position[keep], done[keep], mask if mask is None else mask[keep]
         position = position + 1
         if compile:  # static shapes: the whole mask (positions not yet written are causally masked)
             if device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()
-            out = step(input_ids=token[:, None], attention_mask=attn, position_ids=position, past_key_values=cache, use_cache=True)
+            out = step(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
         else:
-            out = model(input_ids=token[:, None], attention_mask=attn[:, : lq + t + 1], position_ids=position, past_key_values=cache,
-                        use_cache=True)
+            with fast:
+                out = model(input_ids=token[:, None], attention_mask=mask if mask is None else mask[..., : lq + t + 1],
+                            position_ids=position, cache=cache, use_cache=True)
         logits = out.logits[:, -1]
     if spread:
         return gather_rows(responses[:, : t + 1], total), gather_rows(logps[:, : t + 1], total)

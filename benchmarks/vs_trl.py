@@ -3,6 +3,7 @@
     pip install -r requirements.txt && pip install trl==1.16.0      # TRL is not a dependency of cleanpref
     OMP_NUM_THREADS=1 python benchmarks/vs_trl.py                   # ~10 minutes on one CPU thread
     OMP_NUM_THREADS=1 python benchmarks/vs_trl.py --breakdown       # also: where one online_dpo iteration goes
+    OMP_NUM_THREADS=1 python benchmarks/vs_trl.py --breakdown-only --baseline ../before   # that alone, beside another checkout
 
 The same work on both sides, from the min_length task's artifacts (pi_ref, proxy reward model,
 preference pairs, train prompts), fp32, learning rate 1e-12 (the policy stays pi_ref, so both sides
@@ -118,77 +119,107 @@ def worker(name, iterations, threads):
     return trl_times(setting, iterations, threads)
 
 
-def breakdown(threads, rounds=12):
-    """Where one online_dpo iteration goes (the script's own steps, timed one by one), against the model's FLOPs."""
+def checkout(root):
+    """(common, online_dpo) modules of the cleanpref checkout at `root`, imported beside this one's."""
     import importlib.util
 
+    saved = {k: sys.modules.pop(k) for k in ("common",) if k in sys.modules}
+    sys.path.insert(0, str(root))
+    try:
+        spec = importlib.util.spec_from_file_location(f"common@{root}", Path(root) / "common.py")
+        common = importlib.util.module_from_spec(spec)
+        sys.modules["common"] = common
+        spec.loader.exec_module(common)
+        spec = importlib.util.spec_from_file_location(f"online_dpo@{root}", Path(root) / "algos" / "online_dpo.py")
+        od = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(od)  # binds its common functions to this checkout's
+    finally:
+        sys.path.remove(str(root))
+        sys.modules.pop("common", None)
+        sys.modules.update(saved)
+    return common, od
+
+
+def breakdown(threads, baseline=None, rounds=12):
+    """Where one online_dpo iteration goes (the script's own steps, timed one by one), against the model's FLOPs.
+
+    The FLOP floor of a step is its real tokens (x3 for forward + backward; sampling: each distinct prompt once, then the
+    responses) at the rate of a dense matmul of the model's shapes, measured in every round beside the steps (the
+    machine's speed drifts). With `baseline`, that checkout's common.py and online_dpo.py run the same iterations
+    (same draws) in the same rounds, interleaved."""
     import torch
 
-    from common import generate, pad_rows
     from tasks import make_task
 
     torch.set_num_threads(threads)
-    spec = importlib.util.spec_from_file_location("online_dpo", ROOT / "algos" / "online_dpo.py")
-    od = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(od)
+    roots = {"now": ROOT} if baseline is None else {"now": ROOT, "baseline": Path(baseline)}
+    sides = {k: checkout(r) for k, r in roots.items()}
     task = make_task(TASK)
-    policy, ref = task.load_policy(), task.load_policy().requires_grad_(False)
-    opt = torch.optim.Adam(policy.parameters(), lr=LR)
-    sampler, prompt_sampler = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    pad, cfg = task.pad_token_id, policy.config
+    models = {k: (task.load_policy(), task.load_policy().requires_grad_(False)) for k in roots}
+    opts = {k: torch.optim.Adam(models[k][0].parameters(), lr=LR) for k in roots}
+    pad, cfg = task.pad_token_id, models["now"][0].config
     # forward FLOPs per token: 2 x (weights every token multiplies: layers + output head); attention's own is < 5% here
-    flops_token = 2 * (sum(p.numel() for n, p in policy.named_parameters() if "embed_tokens" not in n))
+    flops_token = 2 * (sum(p.numel() for n, p in models["now"][0].named_parameters() if "embed_tokens" not in n))
     a, b = torch.randn(2048, cfg.hidden_size), torch.randn(cfg.intermediate_size, cfg.hidden_size)
-    for _ in range(3):
-        torch.nn.functional.linear(a, b)
-    t = time.perf_counter()
-    for _ in range(20):
-        torch.nn.functional.linear(a, b)
-    peak = 20 * 2 * a.shape[0] * b.numel() / (time.perf_counter() - t)  # a dense matmul of this model's shapes, this thread
-    steps = {k: [] for k in ("sampling", "reward model", "reference log-probs", "policy fwd+bwd+Adam", "iteration")}
-    tokens = {k: [] for k in steps}
+    names = ("sampling", "reward model", "reference log-probs", "policy fwd+bwd+Adam", "iteration")
+    steps = {k: {n: [] for n in names} for k in roots}
+    tokens, peaks = {n: [] for n in names}, []
     for it in range(rounds):
-        t0 = time.perf_counter()
-        batch = torch.randint(len(task.train_prompts), (32,), generator=prompt_sampler)
-        prompts = pad_rows([task.train_prompts[i] for i in batch.tolist()], pad, left=True)
-        queries = prompts.repeat_interleave(2, dim=0)
-        with torch.no_grad():
-            responses, _ = generate(policy, queries, pad, task.eos_token_id, task.max_new_tokens, task.temperature, sampler)
-            t1 = time.perf_counter()
-            scores = task.proxy_reward(queries, responses).view(32, 2)
-            t2 = time.perf_counter()
-            rows = torch.arange(32)
-            pairs = responses.view(32, 2, -1)
-            chosen, rejected = pairs[rows, scores.argmax(1)], pairs[rows, scores.argmin(1)]
-            ref_logps = torch.stack(od.sequence_logprobs(ref, task, prompts, chosen, rejected), 1)
-            t3 = time.perf_counter()
-        chosen_logps, rejected_logps = od.sequence_logprobs(policy, task, prompts, chosen, rejected)
-        losses, _, _ = od.dpo_loss(chosen_logps, rejected_logps, ref_logps[:, 0], ref_logps[:, 1], 0.1)
-        opt.zero_grad(set_to_none=True)
-        losses.mean().backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        opt.step()
-        t4 = time.perf_counter()
-        n_query = int((queries != pad).sum())
-        n_response = int((responses != pad).sum())
-        n_pair = n_query + int((chosen != pad).sum() + (rejected != pad).sum())
-        if it >= WARMUP:
-            for k, dt, n in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0),
-                                (n_query + n_response, n_query + n_response, n_pair, 3 * n_pair, None)):
-                steps[k].append(dt)
+        for _ in range(3):
+            torch.nn.functional.linear(a, b)
+        t = time.perf_counter()
+        for _ in range(20):
+            torch.nn.functional.linear(a, b)
+        peak = 20 * 2 * a.shape[0] * b.numel() / (time.perf_counter() - t)  # a dense matmul of this model's shapes, this thread
+        for side, (common, od) in list(sides.items())[:: 1 if it % 2 else -1]:  # alternate which side goes first
+            policy, ref = models[side]
+            sampler, prompt_sampler = torch.Generator().manual_seed(it), torch.Generator().manual_seed(it)
+            t0 = time.perf_counter()
+            batch = torch.randint(len(task.train_prompts), (32,), generator=prompt_sampler)
+            prompts = common.pad_rows([task.train_prompts[i] for i in batch.tolist()], pad, left=True)
+            queries = prompts.repeat_interleave(2, dim=0)
+            with torch.no_grad():
+                responses, _ = common.generate(policy, queries, pad, task.eos_token_id, task.max_new_tokens, task.temperature, sampler)
+                t1 = time.perf_counter()
+                scores = task.proxy_reward(queries, responses).view(32, 2)
+                t2 = time.perf_counter()
+                rows = torch.arange(32)
+                pairs = responses.view(32, 2, -1)
+                chosen, rejected = pairs[rows, scores.argmax(1)], pairs[rows, scores.argmin(1)]
+                ref_logps = torch.stack(od.sequence_logprobs(ref, task, prompts, chosen, rejected), 1)
+                t3 = time.perf_counter()
+            chosen_logps, rejected_logps = od.sequence_logprobs(policy, task, prompts, chosen, rejected)
+            losses, _, _ = od.dpo_loss(chosen_logps, rejected_logps, ref_logps[:, 0], ref_logps[:, 1], 0.1)
+            opts[side].zero_grad(set_to_none=True)
+            losses.mean().backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            opts[side].step()
+            t4 = time.perf_counter()
+            if it >= WARMUP:
+                for k, dt in zip(names, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
+                    steps[side][k].append(dt)
+        if it >= WARMUP:  # the same draws on every side: the same tokens
+            n_prompt, n_query = int((prompts != pad).sum()), int((queries != pad).sum())  # sampling needs each prompt once
+            n_response = int((responses != pad).sum())
+            n_pair = n_query + int((chosen != pad).sum() + (rejected != pad).sum())
+            for k, n in zip(names, (n_prompt + n_response, n_query + n_response, n_pair, 3 * n_pair, None)):
                 tokens[k].append(n)
-    total = statistics.median(steps["iteration"])
-    print(f"\nOne online_dpo iteration on {TASK} (32 prompts x 2, lr {LR}), medians of {rounds - WARMUP}; model {flops_token / 2e6:.2f}M "
-          f"weights per token, forward {flops_token / 1e6:.2f} MFLOP/token; dense matmul of its shapes: {peak / 1e9:.0f} GFLOP/s")
-    print("| step | time | share | real tokens (x3 for fwd+bwd) | FLOP floor at that rate | time / floor |\n|---|---|---|---|---|---|")
-    for k, v in steps.items():
-        m = statistics.median(v)
+            peaks.append(peak)
+    peak = statistics.median(peaks)
+    print(f"\nOne online_dpo iteration on {TASK} (32 prompts x 2, lr {LR}), medians of {rounds - WARMUP} interleaved rounds; model "
+          f"{flops_token / 2e6:.2f}M weights per token, forward {flops_token / 1e6:.2f} MFLOP/token; dense matmul of its shapes: "
+          f"{peak / 1e9:.0f} GFLOP/s (median of the rounds, {min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f})")
+    cols = " | ".join(f"{k}: time (min) | share | time / floor" for k in roots)
+    print(f"| step | real tokens (x3 for fwd+bwd) | FLOP floor | {cols} |\n|---|---|---|" + "---|---|---|" * len(roots))
+    med = {s: {k: statistics.median(v) for k, v in steps[s].items()} for s in roots}
+    for k in names:  # medians; the min over rounds beside them (on a busy machine others' work only adds time)
+        times = {s: f"{med[s][k] * 1000:.0f} ms ({min(steps[s][k]) * 1000:.0f})" for s in roots}
         if k == "iteration":
-            print(f"| {k} | {m * 1000:.0f} ms | 100% | | | |")
+            print(f"| {k} | | | {' | '.join(f'{times[s]} | 100% | ' for s in roots)} |")
             continue
-        n = statistics.median(tokens[k])
-        floor = n * flops_token / peak
-        print(f"| {k} | {m * 1000:.0f} ms | {m / total:.0%} | {n:.0f} | {floor * 1000:.0f} ms | {m / floor:.1f}x |")
+        floor = statistics.median(tokens[k]) * flops_token / peak
+        cells = " | ".join(f"{times[s]} | {med[s][k] / med[s]['iteration']:.0%} | {med[s][k] / floor:.1f}x" for s in roots)
+        print(f"| {k} | {statistics.median(tokens[k]):.0f} | {floor * 1000:.0f} ms | {cells} |")
 
 
 def main():
@@ -198,6 +229,7 @@ def main():
     p.add_argument("--defaults-iterations", type=int, default=3, help="timed iterations for TRL at its defaults (slow)")
     p.add_argument("--only", nargs="*", default=None, help="a subset of contenders (names as in the table)")
     p.add_argument("--breakdown", action="store_true", help="also time the steps of one online_dpo iteration")
+    p.add_argument("--breakdown-only", action="store_true", help="only the breakdown (no TRL needed); with --baseline, both side by side")
     p.add_argument("--baseline", default=None, help="another cleanpref checkout whose scripts join the rounds (e.g. before a change)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -205,6 +237,11 @@ def main():
     if a.worker:
         print("TIMES " + json.dumps(worker(a.worker, a.iterations, threads)))
         return
+    if a.breakdown_only:
+        from tasks import make_task
+
+        make_task(TASK)
+        return breakdown(threads, a.baseline)
     try:
         import trl
     except ImportError:
@@ -238,9 +275,9 @@ def main():
         ratio = f"{m / statistics.median(times[mine]):.2f}x" if mine in times and n != mine else ""
         print(f"| {n} | {m * 1000:.0f} ms | {min(times[n]) * 1000:.0f} - {max(times[n]) * 1000:.0f} ms | {len(times[n])} | {ratio} |")
     if a.breakdown:
-        breakdown(threads)
+        breakdown(threads, a.baseline)
     print(f"\nreproduce: OMP_NUM_THREADS={threads} python benchmarks/vs_trl.py --rounds {a.rounds} --iterations {a.iterations}"
-          + (" --breakdown" if a.breakdown else ""))
+          + (" --breakdown" if a.breakdown else "") + (f" --baseline {a.baseline}" if a.baseline else ""))
 
 
 if __name__ == "__main__":

@@ -300,6 +300,34 @@ def test_generate_equals_the_reference_sampler(tiny_lm, temperature, eos):
         assert 0 < (r == EOS).any(1).sum() < len(r)  # some rows ended early, some ran to the end
 
 
+@pytest.mark.parametrize("batch,completions,eos,lengths,attn", [
+    (1, 1, EOS, (1, 6), "sdpa"), (1, 1, None, (1, 6), "sdpa"),  # one row: no pads, no mask
+    (64, 4, EOS, (1, 6), "sdpa"), (64, 4, None, (1, 6), "sdpa"), (64, 1, EOS, (1, 6), "sdpa"),  # left pads: SDPA's 4D mask
+    (16, 2, EOS, (5, 6), "sdpa"),  # equal lengths: no pads, no mask
+    (24, 3, EOS, (1, 6), "eager"),  # another attention implementation: the 2D mask
+])
+def test_generate_prefills_each_prompt_once_and_equals_the_reference(tiny_lm, batch, completions, eos, lengths, attn):
+    """Callers repeat each prompt C times: the prompt is prefilled once and its cache copied to its C rows; the tokens are
+    still the reference sampler's for the same generator, the log-probs equal within float rounding."""
+    model = tiny_lm if attn == "sdpa" else tiny_llama(attn_implementation="eager")
+    g = torch.Generator().manual_seed(batch)
+    sizes = torch.randint(*lengths, (batch // completions,), generator=g).tolist()
+    q = left_pad([torch.randint(2, 40, (n,), generator=g).tolist() for n in sizes], 5).repeat_interleave(completions, 0)
+    prefill = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: prefill.append(args[0].shape))
+    try:
+        r, lp = generate(model, q, PAD, eos, 30, 1.0, torch.Generator().manual_seed(3))
+    finally:
+        handle.remove()
+    assert prefill[0] == (len(torch.unique_consecutive(q, dim=0)), 5) and prefill[0][0] <= batch // completions
+    assert not r.is_inference() and not lp.is_inference()  # the model runs under inference_mode; callers get normal tensors
+    ref_r, ref_lp = reference_sample(model, q, 30, 1.0, torch.Generator().manual_seed(3), eos)
+    assert torch.equal(r, ref_r)
+    torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=0)
+    if eos is not None and batch > 1:
+        assert 0 < (r == EOS).any(1).sum() < len(r)  # some rows ended early, some ran on
+
+
 @pytest.mark.parametrize("compact_at", [0.0, 0.5])
 def test_generate_compaction_changes_nothing(tiny_lm, compact_at, monkeypatch):
     q = left_pad([[5, 6, 7, 8], [9], [10, 11]] * 6, 4)
