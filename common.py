@@ -8,7 +8,7 @@
   similar length, so a batch whose responses average half the longest costs about half.
 - `generate`: batched temperature sampling with a KV cache; returns the sampling log-probs too.
   Finished rows leave the batch; `compile=True` gives a static cache and a compiled decode step.
-- `response_mask`, `pad_rows`, `exact_div`, `disable_dropout`: small helpers every script needs.
+- `response_mask`, `pad_rows`, `exact_div`, `disable_dropout`, `user_errors`: small helpers every script needs.
 - Past one device (the last section; README "Scaling"): `start_run` (torchrun process group, rank 0 owns runs/),
   `wrap` (DDP or FSDP2, bf16 autocast), `shard` (this rank's part of a global minibatch and its loss factor),
   `all_reduce_mean` (training statistics), `save_checkpoint` / `open_metrics` / `resume` (atomic checkpoints, --resume).
@@ -27,11 +27,19 @@ and `benchmarks/logprobs.py` measures this Function as fast as the built-in with
 and faster than it with its default options, at the same memory (table in the README).
 """
 
+import contextlib
 import functools
+import json
 import os
+import random
+import shutil
+import sys
 import weakref
+from dataclasses import asdict
 
+import numpy as np
 import torch
+import torch.distributed as dist  # (imported by torch already)
 
 
 def _chunk_rows(device: torch.device) -> int:
@@ -145,8 +153,6 @@ def length_buckets(lengths, overhead: int):
     """Split rows into groups of similar length: lists of row indices (longest first) minimising the padded
     work sum over groups of (rows * longest + overhead), exactly, by dynamic programming over the sorted lengths.
     overhead: the fixed cost of one more forward pass, in tokens."""
-    import numpy as np
-
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     longest = np.array([lengths[i] for i in order], dtype=np.int64)  # descending: a group's width is its first row's
     best, start = np.zeros(len(order) + 1, dtype=np.int64), np.zeros(len(order) + 1, dtype=np.int64)
@@ -404,9 +410,9 @@ def pad_rows(rows, pad_token_id: int, left: bool, device=None):
 
 
 def exact_div(a: int, b: int, what: str) -> int:
-    """a // b, or a one-line error (SystemExit, no traceback) naming `what` when b does not divide a."""
-    if b <= 0 or a % b != 0:
-        raise SystemExit(f"{what}: {a} is not divisible by {b}; pick sizes that divide")
+    """a // b, or a one-line error (SystemExit, no traceback) naming `what` when a size is < 1 or b does not divide a."""
+    if a < 1 or b < 1 or a % b != 0:
+        raise SystemExit(f"{what}: " + (f"sizes must be >= 1, got {a} and {b}" if min(a, b) < 1 else f"{a} is not divisible by {b}; pick sizes that divide"))
     return a // b
 
 
@@ -437,8 +443,6 @@ _DISTRIBUTED = weakref.WeakSet()  # models given to `wrap` under torchrun: sampl
 
 def world():
     """(rank, world size): (0, 1) without torchrun."""
-    import torch.distributed as dist
-
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -450,8 +454,6 @@ def rank_rows(n: int):
 
 def gather_rows(x, n: int):
     """Every rank's `rank_rows(n)` share of a [rows, ...] tensor (same trailing shape on every rank) -> the whole [n, ...]."""
-    import torch.distributed as dist
-
     size = world()[1]
     if size == 1:
         return x
@@ -462,8 +464,6 @@ def gather_rows(x, n: int):
 
 
 def _all_reduce(values, op):
-    import torch.distributed as dist
-
     t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=op)
     return t.tolist()
@@ -471,21 +471,15 @@ def _all_reduce(values, op):
 
 def _all_ranks(flag: bool) -> bool:
     """True when `flag` is True on every rank."""
-    import torch.distributed as dist
-
     return flag if world()[1] == 1 else bool(_all_reduce([float(flag)], dist.ReduceOp.MIN)[0])
 
 
 def _max_over_ranks(n: int) -> int:
-    import torch.distributed as dist
-
     return n if world()[1] == 1 else int(_all_reduce([float(n)], dist.ReduceOp.MAX)[0])
 
 
 def all_reduce_mean(metrics: dict) -> dict:
     """The mean over ranks of a dict of floats (training statistics; evaluation metrics are equal on every rank already)."""
-    import torch.distributed as dist
-
     size = world()[1]
     if size == 1 or not metrics:
         return metrics
@@ -509,23 +503,49 @@ def shard(indices, weights=None):
     return (indices[lo:hi], scale) if hi > lo else (indices[:1], 0.0)
 
 
+@contextlib.contextmanager
+def user_errors():
+    """Around a script's main: a bad argument or input (a SystemExit with a message) -> that one line on stderr, exit code 2."""
+    try:
+        yield
+    except SystemExit as err:
+        if isinstance(err.code, str):
+            print(err.code, file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
 def start_run(args, run_name: str):
     """The set-up every script shares, before anything is written. Returns (run_name, run_dir).
 
-    Under torchrun (WORLD_SIZE set): joins the process group (nccl with --cuda, else gloo), pins the process to its
-    GPU, takes rank 0's run name, and checks that --batch-size and --minibatch-size (GLOBAL sizes) divide by the world
-    size. Records args.world_size. With --resume runs/<run>: every other argument comes from that run's args.json.
-    Rank 0 alone creates runs/<run>/ and writes args.json; the other ranks print nothing and do not track.
+    Checks the sizes, cadences and rates every script has (> 0) and the seed. With --resume runs/<run>: every other argument
+    comes from that run's args.json; a flag given with it must agree, except a longer --num-iterations and `free` ones.
+    Under torchrun (WORLD_SIZE set): joins the process group (nccl with --cuda, else gloo), pins the process to its GPU,
+    takes rank 0's run name, checks that --batch-size and --minibatch-size (GLOBAL sizes) divide by the world size, and
+    records args.world_size; ranks > 0 print nothing and do not track. `open_metrics` creates runs/<run>/ (rank 0).
     """
     import atexit
-    import json
-    import sys
-    from dataclasses import asdict
     from pathlib import Path
 
+    if args.resume:
+        run_dir, run_name = Path(args.resume), Path(args.resume).name
+        if not (run_dir / "args.json").exists() or not (run_dir / "model" / TRAINING_STATE).exists():
+            raise SystemExit(f"--resume {run_dir}: no run with a checkpoint there (one is saved with --save-model; by sft.py and reward_model.py every --save-every steps)")
+        given = {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in sys.argv[1:] if a.startswith("--")}  # flags
+        free = ("threads", "save_every", "track", "wandb_project_name", "wandb_entity")  # may change: no effect on the numbers
+        for k, v in json.loads((run_dir / "args.json").read_text()).items():
+            if k in given - {"resume"} and getattr(args, k) != v and not (k in free or k == "num_iterations" and args.num_iterations > v):
+                raise SystemExit(f"--resume {run_dir}: --{k.replace('_', '-')} {getattr(args, k)} differs from the run's {v}; a resumed run keeps its "
+                                 f"arguments but a longer --num-iterations and {', '.join('--' + f.replace('_', '-') for f in free)}: drop the flag, or start a new run")
+            if k not in given | {"resume", "world_size"} and hasattr(args, k):
+                setattr(args, k, v)
+    for k in ("batch_size", "minibatch_size", "num_iterations", "update_epochs", "eval_every", "num_eval_prompts", "num_epochs",
+              "save_every", "threads", "learning_rate", "max_grad_norm", "max_prompt_length", "max_length"):  # those it has
+        if getattr(args, k, None) is not None and not 0 < getattr(args, k) < float("inf"):
+            raise SystemExit(f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
+    if not 0 <= args.seed < 2**32:
+        raise SystemExit(f"--seed must lie in [0, 2**32), got {args.seed}")
     if "WORLD_SIZE" in os.environ:
-        import torch.distributed as dist
-
         cuda = args.cuda and torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -539,25 +559,12 @@ def start_run(args, run_name: str):
     if args.bf16 and args.cuda and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise SystemExit("--bf16: this GPU has no bfloat16 support; drop --bf16")
     rank, size = world()
-    if getattr(args, "resume", None):
-        run_dir = Path(args.resume)
-        if not (run_dir / "args.json").exists() or not (run_dir / "model" / TRAINING_STATE).exists():
-            raise SystemExit(f"--resume {run_dir}: no run with a checkpoint there (runs are resumable when trained with --save-model)")
-        saved = json.loads((run_dir / "args.json").read_text())
-        for k, v in saved.items():
-            if k not in ("resume", "world_size") and hasattr(args, k):
-                setattr(args, k, v)
-        run_name = run_dir.name
-    else:  # sft.py and reward_model.py take --output-dir (default runs/<run>)
-        run_dir = Path(getattr(args, "output_dir", "") or Path("runs") / run_name)
+    run_dir = Path(args.resume or getattr(args, "output_dir", "") or Path("runs") / run_name)  # sft.py, reward_model.py: --output-dir
     args.world_size = size
     if hasattr(args, "batch_size"):  # sft.py and reward_model.py have minibatches only
         exact_div(args.batch_size, size, "--batch-size / the number of processes (B is global)")
     exact_div(args.minibatch_size, size, "--minibatch-size / the number of processes (M is global)")
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2, default=str))
-    else:
+    if rank != 0:
         sys.stdout, args.track = open(os.devnull, "w"), False
     return run_name, run_dir
 
@@ -669,28 +676,23 @@ def save_checkpoint(run_dir, policy, optimizer, tokenizer, row: dict, state: dic
     training_state.pt (the optimizer, every RNG, the metrics `row` of its iteration, written after it, and the script's
     `state`: generators, (model, optimizer) pairs and plain values). A kill while saving leaves the previous checkpoint in
     place. Called on every rank."""
-    import random
-    import shutil
-
-    import numpy as np
-
     policy_state, optimizer_state = _full_state(policy, optimizer)
     packed = {k: _pack(v) for k, v in state.items()}
     if world()[0] != 0:
         return
-    iteration = row["iteration"]
-    name = f"checkpoint-{iteration:06d}"
+    name = f"checkpoint-{row['iteration']:06d}"
     tmp, final, link = run_dir / f".{name}.tmp", run_dir / name, run_dir / "model"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp, state_dict=policy_state)
     tokenizer.save_pretrained(tmp)
     rngs = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), random=random.getstate(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    torch.save(dict(iteration=iteration, row=row, optimizer=optimizer_state, rngs=rngs, state=packed), tmp / TRAINING_STATE)
+    torch.save(dict(iteration=row["iteration"], row=row, optimizer=optimizer_state, rngs=rngs, state=packed), tmp / TRAINING_STATE)
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     if link.is_dir() and not link.is_symlink():  # a run saved by an older cleanpref: a plain directory
         shutil.rmtree(link)
+    (run_dir / ".model.tmp").unlink(missing_ok=True)  # left by a kill between these lines
     os.symlink(name, run_dir / ".model.tmp")
     os.replace(run_dir / ".model.tmp", link)  # atomic
     for old in run_dir.glob("checkpoint-*"):
@@ -699,17 +701,21 @@ def save_checkpoint(run_dir, policy, optimizer, tokenizer, row: dict, state: dic
 
 
 def open_metrics(run_dir, args):
-    """metrics.jsonl for appending: a fresh file, or with --resume the rows before the checkpoint's iteration and its own
-    row, saved with it (later rows of the killed run are dropped: they are recomputed). Ranks > 0 write to os.devnull."""
+    """runs/<run>/ made (rank 0, once the task and models loaded) with args.json, and its metrics.jsonl for appending: a fresh file,
+    or with --resume the rows before the checkpoint's row and that row (later ones and a line cut short are dropped). Ranks > 0: os.devnull."""
     if world()[0] != 0:
         return open(os.devnull, "w")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json.tmp").write_text(json.dumps(asdict(args), indent=2, default=str))
+    os.replace(run_dir / "args.json.tmp", run_dir / "args.json")  # atomic: a kill leaves the old one, still resumable
     path = run_dir / "metrics.jsonl"
     if not args.resume:
         return open(path, "w")
-    import json
-
     last = torch.load(run_dir / "model" / TRAINING_STATE, map_location="cpu", weights_only=False)["row"]
-    rows = [line for line in open(path) if line.strip() and json.loads(line)["iteration"] < last["iteration"]]
+    lines = open(path).readlines() if path.exists() else []
+    if lines and not lines[-1].endswith("\n"):  # each row is written whole with its newline: this one was cut short
+        print(f"[cleanpref] {path}: dropped its last line, cut short ({len(lines.pop())} characters; a full disk or a kill)")
+    rows = [line for line in lines if line.strip() and json.loads(line)["iteration"] < last["iteration"]]
     (run_dir / "metrics.jsonl.tmp").write_text("".join(rows) + json.dumps(last) + "\n")
     os.replace(run_dir / "metrics.jsonl.tmp", path)
     return open(path, "a")
@@ -719,17 +725,18 @@ def resume(args, run_dir, policy, optimizer, state: dict):
     """With --resume: load the latest checkpoint into the policy, its optimizer, every RNG, and the script's `state`
     (generators and (model, optimizer) pairs in place) -> (first iteration to run, [the state's values, restored]).
     Without: (1, [the state's values]). Call it after every set-up that consumes random numbers."""
-    import random
-
-    import numpy as np
-
     if not args.resume:
         return 1, list(state.values())
     saved = torch.load(run_dir / "model" / TRAINING_STATE, map_location="cpu", weights_only=False)
+    if list(saved["state"]) != list(state):  # e.g. a dpo.py run given to online_dpo.py
+        raise SystemExit(f"--resume {run_dir}: its checkpoint holds {list(saved['state'])}, not this script's {list(state)}: resume it with the script that made it")
     from safetensors.torch import load_file
+    from transformers.core_model_loading import revert_weight_conversion
 
-    weights = {k: v for f in sorted((run_dir / "model").glob("*.safetensors")) for k, v in load_file(f).items()}
     own = policy.state_dict()
+    saved_as = {id(t): k for k, t in revert_weight_conversion(policy, dict(own)).items()}  # save_pretrained's names (Pythia: embed_out)
+    files = {k: v for f in sorted((run_dir / "model").glob("*.safetensors")) for k, v in load_file(f).items()}
+    weights = {k: files[saved_as[id(t)]] for k, t in own.items() if saved_as.get(id(t)) in files}
     for k in own.keys() - weights.keys():  # save_pretrained stores tied weights once: take the twin's
         weights[k] = next(weights[j] for j in weights.keys() & own.keys() if own[j].data_ptr() == own[k].data_ptr())
     _load_full_state(policy, weights, optimizer, saved["optimizer"])

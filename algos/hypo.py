@@ -43,7 +43,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import exact_div, generate, pad_rows, response_logprobs  # noqa: E402
-from common import all_reduce_mean, open_metrics, resume, save_checkpoint, shard, start_run, wrap  # noqa: E402
+from common import all_reduce_mean, open_metrics, resume, save_checkpoint, shard, start_run, user_errors, wrap  # noqa: E402
 from tasks import TaskName, make_task  # noqa: E402
 
 
@@ -62,7 +62,8 @@ class Args:
     bf16: bool = False
     """forward passes under bf16 autocast (fp32 weights and Adam state); for CUDA"""
     resume: Optional[str] = None
-    """continue the run runs/<run> from its latest checkpoint (saved by --save-model); its args.json gives every other argument"""
+    """continue the run runs/<run> from its latest checkpoint (saved by --save-model); its args.json gives every other argument
+    (a flag given as well must agree with it, but --num-iterations may grow and --threads and --track may change)"""
     compile: bool = False
     """sample with a static KV cache and a compiled decode step (torch.compile; CUDA graphs on a GPU; compiles on first use)"""
     threads: int = 1
@@ -124,10 +125,10 @@ class Args:
     num_online_samples: int = 2
     """k, samples drawn from pi_theta per offline prompt each iteration (>= 2 for the leave-one-out baseline)"""
 
-    # to be filled in runtime
-    num_minibatches: int = 0
+    # to be filled in runtime (not flags; recorded in args.json)
+    num_minibatches: tyro.conf.Suppress[int] = 0
     """B / M"""
-    world_size: int = 1
+    world_size: tyro.conf.Suppress[int] = 1
     """processes (torchrun); B and M are global: each process trains on its share of every minibatch"""
 
 
@@ -193,6 +194,7 @@ def evaluate(policy, ref_policy, task, prompts, seed, compile=False):
 
 
 def main(args: Args):
+    run_name, run_dir = start_run(args, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")  # --resume, torchrun, checks
     for k, v in TASK_DEFAULTS.get(args.task, {}).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -202,7 +204,6 @@ def main(args: Args):
     if not args.beta > 0 or args.kl_coef < 0 or args.num_online_samples < 2:
         raise SystemExit(f"need --beta > 0, --kl-coef >= 0 and --num-online-samples >= 2 (the leave-one-out baseline), got "
                          f"{args.beta}, {args.kl_coef} and {args.num_online_samples}")
-    run_name, run_dir = start_run(args, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")  # torchrun, --resume
     if args.track:
         import wandb
 
@@ -221,6 +222,8 @@ def main(args: Args):
 
     task = make_task(args.task, device, args.model, args.prompts, args.dataset, args.reward_model, args.gold_reward_model,
                      args.max_prompt_length, args.max_length)
+    if len(task.preference_data) < args.batch_size:  # each iteration draws B distinct pairs of the fixed dataset
+        raise SystemExit(f"--batch-size {args.batch_size}: the task has {len(task.preference_data)} preference pairs; pass at most that, or more pairs")
     policy = task.load_policy()
     ref_policy = task.load_policy().requires_grad_(False)  # frozen pi_ref
     policy, ref_policy = wrap(policy, args), wrap(ref_policy, args)  # under torchrun: DDP (or FSDP2); --bf16: autocast
@@ -329,4 +332,5 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with user_errors():  # a bad argument or input: one line on stderr, exit code 2 (common.py)
+        main(tyro.cli(Args))

@@ -46,7 +46,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import disable_dropout, exact_div, generate, last_hidden_state, pad_rows, response_logprobs  # noqa: E402
-from common import all_reduce_mean, open_metrics, resume, save_checkpoint, shard, start_run, wrap  # noqa: E402
+from common import all_reduce_mean, open_metrics, resume, save_checkpoint, shard, start_run, user_errors, wrap  # noqa: E402
 from tasks import TaskName, make_task  # noqa: E402
 
 
@@ -65,7 +65,8 @@ class Args:
     bf16: bool = False
     """forward passes under bf16 autocast (fp32 weights and Adam state); for CUDA"""
     resume: Optional[str] = None
-    """continue the run runs/<run> from its latest checkpoint (saved by --save-model); its args.json gives every other argument"""
+    """continue the run runs/<run> from its latest checkpoint (saved by --save-model); its args.json gives every other argument
+    (a flag given as well must agree with it, but --num-iterations may grow and --threads and --track may change)"""
     compile: bool = False
     """sample with a static KV cache and a compiled decode step (torch.compile; CUDA graphs on a GPU; compiles on first use)"""
     threads: int = 1
@@ -140,12 +141,12 @@ class Args:
     """subtracted from the proxy reward of completions that never emit EOS (the reward model never saw
     one, so its score there is arbitrary and a policy could exploit it by never stopping); 0 turns it off"""
 
-    # to be filled in runtime
-    num_minibatches: int = 0
+    # to be filled in runtime (not flags; recorded in args.json)
+    num_minibatches: tyro.conf.Suppress[int] = 0
     """B / M"""
-    world_size: int = 1
+    world_size: tyro.conf.Suppress[int] = 1
     """processes (torchrun); B and M are global: each process trains on its share of every minibatch"""
-    num_prompts: int = 0
+    num_prompts: tyro.conf.Suppress[int] = 0
     """B / C, prompts per iteration"""
 
 
@@ -244,6 +245,7 @@ def evaluate(policy, ref_policy, task, prompts, seed, compile=False):
 
 
 def main(args: Args):
+    run_name, run_dir = start_run(args, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")  # --resume, torchrun, checks
     for k, v in TASK_DEFAULTS.get(args.task, {}).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -255,7 +257,10 @@ def main(args: Args):
         raise SystemExit(f"--gamma and --lam must lie in [0, 1], got {args.gamma} and {args.lam}")
     if not (args.cliprange > 0 and args.kl_horizon > 0 and args.target_kl > 0):
         raise SystemExit(f"--cliprange, --kl-horizon and --target-kl must be > 0, got {args.cliprange}, {args.kl_horizon}, {args.target_kl}")
-    run_name, run_dir = start_run(args, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")  # torchrun, --resume
+    if not args.missing_eos_penalty >= 0:
+        raise SystemExit(f"--missing-eos-penalty must be >= 0 (0 turns it off), got {args.missing_eos_penalty}")
+    if not args.init_kl_coef >= 0:
+        raise SystemExit(f"--init-kl-coef must be >= 0, got {args.init_kl_coef}")
     if args.track:
         import wandb
 
@@ -373,4 +378,5 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with user_errors():  # a bad argument or input: one line on stderr, exit code 2 (common.py)
+        main(tyro.cli(Args))

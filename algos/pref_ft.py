@@ -32,7 +32,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import exact_div, generate, pad_rows, response_logprobs  # noqa: E402
-from common import all_reduce_mean, open_metrics, resume, save_checkpoint, shard, start_run, wrap  # noqa: E402
+from common import all_reduce_mean, open_metrics, resume, save_checkpoint, shard, start_run, user_errors, wrap  # noqa: E402
 from tasks import TaskName, make_task  # noqa: E402
 
 
@@ -51,7 +51,8 @@ class Args:
     bf16: bool = False
     """forward passes under bf16 autocast (fp32 weights and Adam state); for CUDA"""
     resume: Optional[str] = None
-    """continue the run runs/<run> from its latest checkpoint (saved by --save-model); its args.json gives every other argument"""
+    """continue the run runs/<run> from its latest checkpoint (saved by --save-model); its args.json gives every other argument
+    (a flag given as well must agree with it, but --num-iterations may grow and --threads and --track may change)"""
     compile: bool = False
     """sample with a static KV cache and a compiled decode step (torch.compile; CUDA graphs on a GPU; compiles on first use)"""
     threads: int = 1
@@ -109,10 +110,10 @@ class Args:
     beta: float = 0.1
     """scale of the logged implicit rewards beta * (log pi - log pi_ref), as in dpo.py (not in the loss)"""
 
-    # to be filled in runtime
-    num_minibatches: int = 0
+    # to be filled in runtime (not flags; recorded in args.json)
+    num_minibatches: tyro.conf.Suppress[int] = 0
     """B / M"""
-    world_size: int = 1
+    world_size: tyro.conf.Suppress[int] = 1
     """processes (torchrun); B and M are global: each process trains on its share of every minibatch"""
 
 
@@ -158,13 +159,15 @@ def evaluate(policy, ref_policy, task, prompts, seed, compile=False):
 
 
 def main(args: Args):
+    run_name, run_dir = start_run(args, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")  # --resume, torchrun, checks
     for k, v in TASK_DEFAULTS.get(args.task, {}).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.num_iterations is None or args.learning_rate is None:  # the real tasks have no tuned defaults
         raise SystemExit(f"--task {args.task} has no tuned defaults: pass --num-iterations and --learning-rate")
     args.num_minibatches = exact_div(args.batch_size, args.minibatch_size, "--batch-size / --minibatch-size")
-    run_name, run_dir = start_run(args, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")  # torchrun, --resume
+    if not args.beta > 0:
+        raise SystemExit(f"--beta must be > 0, got {args.beta}")
     if args.track:
         import wandb
 
@@ -183,6 +186,8 @@ def main(args: Args):
 
     task = make_task(args.task, device, args.model, args.prompts, args.dataset, args.reward_model, args.gold_reward_model,
                      args.max_prompt_length, args.max_length)
+    if len(task.preference_data) < args.batch_size:  # each iteration draws B distinct pairs of the fixed dataset
+        raise SystemExit(f"--batch-size {args.batch_size}: the task has {len(task.preference_data)} preference pairs; pass at most that, or more pairs")
     policy = task.load_policy()
     ref_policy = task.load_policy().requires_grad_(False)  # frozen pi_ref
     policy, ref_policy = wrap(policy, args), wrap(ref_policy, args)  # under torchrun: DDP (or FSDP2); --bf16: autocast
@@ -274,4 +279,5 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with user_errors():  # a bad argument or input: one line on stderr, exit code 2 (common.py)
+        main(tyro.cli(Args))

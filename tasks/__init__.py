@@ -33,9 +33,8 @@ from pathlib import Path
 from typing import Callable, Literal, Optional
 
 import torch
-from transformers.utils import logging as hf_logging
+from safetensors import SafetensorError
 
-hf_logging.disable_progress_bar()  # "Loading weights" bars on every from_pretrained would bury the logs
 TaskName = Literal["bandit_r1", "bandit_r2", "min_length", "mode_length", "skew_length", "ultrafeedback", "alpaca_farm"]
 
 
@@ -64,7 +63,10 @@ class Task:
 
         from common import disable_dropout
 
-        model = AutoModelForCausalLM.from_pretrained(self.policy_path, dtype=torch.float32)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(self.policy_path, dtype=torch.float32)
+        except LOAD_ERRORS as err:
+            raise _hub_error(self.policy_path, "model", err) from None
         if len(self.tokenizer) > model.get_input_embeddings().num_embeddings:  # grow only, as _with_pad_token does
             model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
         model.config.pad_token_id = self.pad_token_id
@@ -87,6 +89,7 @@ def make_task(name: str, device="cpu", model: Optional[str] = None, prompts: Opt
 
     from tasks import real
 
+    _quiet_transformers()
     modules = {"bandit_r1": "bandit", "bandit_r2": "bandit", "min_length": "length", "mode_length": "length",
                "skew_length": "length", "ultrafeedback": "real", "alpaca_farm": "real"}
     if name not in modules:
@@ -96,6 +99,10 @@ def make_task(name: str, device="cpu", model: Optional[str] = None, prompts: Opt
     if modules[name] == "real":
         return real.make(name, torch.device(device), model, prompts, **real_data)
     real.check_overrides(name, **real_data)  # one-line errors before the embedded task builds
+    if modules[name] == "length" and model is not None:
+        _resolve(model, "model")
+    if modules[name] == "length" and prompts is not None:
+        load_split(prompts, "train")
     task = importlib.import_module(f"tasks.{modules[name]}").make(name, torch.device(device), model, prompts)
     return real.override(task, **real_data)
 
@@ -141,11 +148,22 @@ def cached(kind: str, recipe: dict, build: Callable[[Path], dict]) -> Path:
     concurrent processes (the study's workers, parallel test workers) wait for one build, not repeat it.
     """
     root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     final = root / f"{kind}-{key}"
-    with open(root / f".{kind}-{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+    if _intact(final):  # built: used as it is, nothing written (a read-only cache can be shared)
+        return final
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / f".{kind}-{key}.lock", "w")
+    except OSError as err:
+        raise SystemExit(f"cannot build {kind} in the cache {root} ({err.strerror}): set CLEANPREF_CACHE to a writable directory "
+                         f"(or build it once where the cache is writable)") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes, also if this process dies
+        except BlockingIOError:
+            print(f"[cleanpref] waiting for another process to finish building {kind} ({final})", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if final.exists():
             if _intact(final):
                 return final
@@ -190,13 +208,28 @@ def summary_of(directory: Path) -> dict:
     return json.loads((directory / "manifest.json").read_text())["summary"]
 
 
+MODEL_FILES = {"config": ["config.json"], "weights": ["*.safetensors", "pytorch_model*.bin"],
+               "tokenizer": ["tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt"]}
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, SafetensorError)  # what from_pretrained raises for files it cannot read
+
+
 def _resolve(path_or_id: str, what: str) -> str:
-    """A local directory, or a hub id to try; one-line errors for paths that do not exist."""
+    """A local path, or a hub id to try; one-line errors for local paths that do not exist (a file where one was meant,
+    else a directory) and for model directories without a config, weights or a tokenizer."""
     p = Path(path_or_id).expanduser()
+    if p.exists() and "model" in what:  # a model, reward model or gold reward model
+        if not p.is_dir():
+            raise SystemExit(f"{what} {path_or_id!r} is a file: pass the model's directory (save_pretrained's output)")
+        for part, patterns in MODEL_FILES.items():
+            if not any(next(p.glob(pattern), None) for pattern in patterns):
+                raise SystemExit(f"{what} directory {path_or_id!r} has no {part} ({' or '.join(patterns)}): not a whole saved model; "
+                                 f"save it with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)")
     if p.exists():
         return str(p)
+    if p.suffix in (".json", ".jsonl"):
+        raise SystemExit(f"{what} file {path_or_id!r} does not exist: pass an existing .json/.jsonl file (or a directory, or a hub id)")
     if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1 or os.sep in path_or_id.replace("/", "", 1):
-        raise SystemExit(f"{what} path {path_or_id!r} does not exist: pass an existing local directory")
+        raise SystemExit(f"{what} directory {path_or_id!r} does not exist: pass an existing directory (or a hub id)")
     return path_or_id
 
 
@@ -211,8 +244,22 @@ def source_key(path_or_id: Optional[str]):
 
 
 def _hub_error(path_or_id, what, err):
+    """The one-line error for a model or dataset that did not load: a local one's own error, or the hub's absence."""
+    if Path(path_or_id).expanduser().exists():
+        return SystemExit(f"cannot load {what} {path_or_id!r}: {_first_line(err)} (a partial or damaged save? save it again)")
     return SystemExit(f"cannot load {what} {path_or_id!r}: it is not a local path and the Hugging Face hub is not "
                       f"reachable ({type(err).__name__}); download it where there is network and pass the local path")
+
+
+def _first_line(err) -> str:
+    return f"{type(err).__name__}: " + (str(err).strip().splitlines() or [""])[0][:300]
+
+
+def _quiet_transformers():
+    """No transformers progress bars ("Loading weights" on every from_pretrained would bury the logs)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _with_pad_token_id(tokenizer):
@@ -240,11 +287,12 @@ def _load(auto_class, path_or_id: str, what: str, device, **kwargs):
 
     from common import disable_dropout
 
+    _quiet_transformers()
     src = _resolve(path_or_id, what)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src)
         model = auto_class.from_pretrained(src, dtype=torch.float32, **kwargs)
-    except OSError as err:
+    except LOAD_ERRORS as err:
         raise _hub_error(path_or_id, what, err) from None
     model, tokenizer = _with_pad_token(model, tokenizer)
     return disable_dropout(model).to(device).eval(), tokenizer
@@ -260,6 +308,7 @@ def load_causal_lm(path_or_id: str, device="cpu"):
 def load_reward_model(path_or_id: str, device="cpu"):
     """(sequence classifier with one output, tokenizer), e.g. initialised from an SFT policy."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a causal LM checkpoint lacks the new score head: expected, not news
@@ -285,6 +334,14 @@ def _open_dataset(path_or_id: str, split: Optional[str]):
 
     path_or_id, config, _ = parse_dataset_spec(path_or_id)
     src = _resolve(path_or_id, "dataset")
+    if Path(src).is_file() and not src.endswith((".json", ".jsonl")):
+        raise SystemExit(f"dataset file {path_or_id!r}: cleanpref reads .json/.jsonl files, `save_to_disk` directories and hub ids")
+    if Path(src).is_file() and not open(src, errors="replace").read(1 << 16).strip():
+        raise SystemExit(f"dataset file {path_or_id!r} is empty: it needs one JSON object per line (.jsonl) or a JSON list of them")
+    verbosity = datasets.logging.get_verbosity()
+    if Path(src).exists():  # local data reads in seconds: no bars; what goes wrong is ours to explain
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         if src.endswith((".json", ".jsonl")):
             return datasets.load_dataset("json", data_files=src, split="train")
@@ -293,6 +350,31 @@ def _open_dataset(path_or_id: str, split: Optional[str]):
         return datasets.load_dataset(src, config, split=split)
     except (OSError, ConnectionError, ValueError) as err:
         raise _hub_error(path_or_id, "dataset", err) from None
+    except datasets.exceptions.DatasetGenerationError as err:  # a file datasets cannot parse: which line, if JSON is the cause
+        raise SystemExit(f"dataset {path_or_id!r}: " + (_json_problem(src) or f"{_first_line(err.__cause__ or err)} (cleanpref reads .json/.jsonl "
+                                                          f"files, `save_to_disk` directories and hub ids)")) from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def _json_problem(path: str) -> Optional[str]:
+    """Where a .json/.jsonl file stops being rows: one JSON list of objects, or one object per line."""
+    if not path.endswith((".json", ".jsonl")):
+        return None
+    text = Path(path).read_text()
+    try:
+        rows = json.loads(text)
+        return None if not isinstance(rows, list) or all(isinstance(r, dict) for r in rows) else "its list holds items that are not JSON objects"
+    except ValueError as whole:
+        if text.lstrip().startswith("["):
+            return f"line {whole.lineno} is not valid JSON ({whole.msg}): fix it"
+    for i, line in enumerate(text.splitlines(), 1):
+        try:
+            if line.strip() and not isinstance(json.loads(line), dict):
+                return f"line {i} is not a JSON object: fix or remove that line"
+        except ValueError as err:
+            return f"line {i} is not valid JSON ({err.msg}): fix or remove that line"
+    return None
 
 
 def dataset_splits(path_or_id: str) -> list:
@@ -321,6 +403,8 @@ def load_split(path_or_id: str, split: str):
         if split not in ds:
             raise SystemExit(f"dataset {path_or_id!r} has no split {split!r}: choose one of {', '.join(ds)}")
         ds = ds[split]
+    if len(ds) == 0:
+        raise SystemExit(f"dataset {path_or_id!r} ({split}) has no rows")
     return ds
 
 

@@ -26,7 +26,7 @@ batches are right-padded.
 
 import torch
 
-from tasks import _hub_error, _resolve
+from tasks import LOAD_ERRORS, _hub_error, _resolve
 
 RM_BATCH = 32  # rows per forward in the re-tokenised path
 
@@ -73,7 +73,7 @@ class ExternalReward:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(src)
             self.model = AutoModelForSequenceClassification.from_pretrained(src, dtype=dtype)
-        except OSError as err:
+        except LOAD_ERRORS as err:
             raise _hub_error(path_or_id, what, err) from None
         self.rows_on_disk = self.model.get_input_embeddings().num_embeddings
         if self.tokenizer.pad_token is None:  # batching needs one; the classifier reads its score before the pads

@@ -108,6 +108,65 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(script, tmp_path):
     assert os.readlink(run_dir / "model") == "checkpoint-000010" and not list(run_dir.glob(".checkpoint-*"))
 
 
+def test_resume_clears_a_stale_link_drops_a_cut_line_and_extends_the_run(tmp_path):
+    """A kill can leave runs/<run>/.model.tmp (between save_checkpoint's symlink and its rename) and a last metrics line cut
+    short (a full disk): --resume clears the first, drops the second with a note, and --num-iterations 4 extends a
+    2-iteration run to exactly the uninterrupted 4-iteration run. Other flags given with --resume are refused."""
+    args = ["--task", "bandit_r1", "--eval-every", "2", "--save-model", *SIZES]
+    for d in ("whole", "short"):
+        (tmp_path / d).mkdir()
+    _, whole = train("dpo", tmp_path / "whole", "bandit_r1", "--num-iterations", "4", *args[2:])
+    train("dpo", tmp_path / "short", "bandit_r1", "--num-iterations", "2", *args[2:])
+    (run_dir,) = (tmp_path / "short" / "runs").iterdir()
+    os.symlink("checkpoint-000002", run_dir / ".model.tmp")
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:-40])
+    refused = run("dpo", tmp_path / "short", "--resume", str(run_dir), "--num-iterations", "4", "--batch-size", "8")
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr[-2000:]
+    assert "--batch-size 8 differs from the run's 16" in refused.stderr
+    out = run("dpo", tmp_path / "short", "--resume", str(run_dir), "--num-iterations", "4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"[cleanpref] {metrics}: dropped its last line, cut short" in out.stdout
+    _, rows = metrics_of(tmp_path / "short", "dpo", "bandit_r1")
+    assert without_time(rows) == without_time(whole)
+    assert os.readlink(run_dir / "model") == "checkpoint-000004" and not os.path.lexists(run_dir / ".model.tmp")
+    assert json.loads((run_dir / "args.json").read_text())["num_iterations"] == 4
+
+
+@pytest.mark.parametrize("script", ["sft", "reward_model"])
+def test_sft_and_reward_model_resume_after_a_kill_equals_an_uninterrupted_run(script, local_pythia, tmp_path):
+    """12 steps, a checkpoint every 4: killed while saving the second (step 8; rows up to 7 written), resumed from step 4,
+    the per-step rows, the per-epoch losses (and held-out accuracy) and the saved weights equal the uninterrupted run's
+    bit for bit (CPU): AdamW, the learning-rate schedule, the data order and the epoch's running sums all resume."""
+    from safetensors.torch import load_file
+
+    args = {"sft": ["--dataset", "demos.jsonl", "--response-column", "output", "--learning-rate", "1e-2", "--minibatch-size", "8"],
+            "reward_model": ["--dataset", "prefs.jsonl", "--learning-rate", "3e-3", "--eval-fraction", "0.25", "--minibatch-size", "6"]}[script]
+    args += ["--model", str(local_pythia[0]), "--num-epochs", "2", "--save-every", "4"]  # 48 demos (36 training pairs): 6 steps an epoch
+    for d in ("whole", "killed"):
+        (tmp_path / d).mkdir()
+        demos_and_prefs(tmp_path / d)
+    out = run(script, tmp_path / "whole", *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER.format(tests=str(ROOT / "tests"), script=script, nth=2))
+    out = subprocess.run([sys.executable, str(killer), *args], cwd=tmp_path / "killed", capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 9, out.stderr[-3000:]
+    (run_dir,) = (tmp_path / "killed" / "runs").iterdir()
+    assert [json.loads(line)["iteration"] for line in open(run_dir / "metrics.jsonl")] == list(range(1, 8))
+    assert os.readlink(run_dir / "model") == "checkpoint-000004" and not (run_dir / "metrics.json").exists()
+    out = run(script, tmp_path / "killed", "--resume", str(run_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (whole,) = (tmp_path / "whole" / "runs").iterdir()
+    for name in ("metrics.jsonl", "metrics.json"):
+        assert (run_dir / name).read_text() == (whole / name).read_text(), name
+    a, b = (load_file(d / "model" / "model.safetensors") for d in (whole, run_dir))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    per_epoch = next(iter(json.loads((whole / "metrics.json").read_text()).values()))
+    assert len(per_epoch) == 2 and per_epoch[1] < per_epoch[0]  # two epochs, and it learned: not a comparison of no-ops
+
+
 def test_fsdp_two_processes(tmp_path):
     """--fsdp on 2 processes: the same losses as 1 process, and the checkpoint gathered from the shards reloads with
     from_pretrained to the 1-process run's weights."""
@@ -171,7 +230,7 @@ def test_sft_and_reward_model_two_processes_match_one(script, local_pythia, tmp_
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("saved runs/") == 1  # rank 1 prints nothing
     (one,), (two,) = ((tmp_path / d / "runs").iterdir() for d in ("one", "two"))  # rank 0 alone writes, to rank 0's directory
-    assert sorted(p.name for p in two.iterdir()) == ["args.json", "metrics.json", "model"]
+    assert sorted(p.name for p in two.iterdir() if not p.name.startswith("checkpoint-")) == ["args.json", "metrics.json", "metrics.jsonl", "model"]
     assert json.loads((two / "args.json").read_text())["world_size"] == 2
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     assert a.keys() == b.keys()
