@@ -539,8 +539,8 @@ def start_run(args, run_name: str):
                                  f"arguments but a longer --num-iterations and {', '.join('--' + f.replace('_', '-') for f in free)}: drop the flag, or start a new run")
             if k not in given | {"resume", "world_size"} and hasattr(args, k):
                 setattr(args, k, v)
-    for k in ("batch_size", "minibatch_size", "num_iterations", "update_epochs", "eval_every", "num_eval_prompts", "num_epochs",
-              "save_every", "threads", "learning_rate", "max_grad_norm", "max_prompt_length", "max_length"):  # those it has
+    for k in ("batch_size", "minibatch_size", "num_iterations", "update_epochs", "eval_every", "eval_dense_every", "num_eval_prompts",
+              "num_epochs", "save_every", "threads", "learning_rate", "max_grad_norm", "max_prompt_length", "max_length"):  # those it has
         if getattr(args, k, None) is not None and not 0 < getattr(args, k) < float("inf"):
             raise SystemExit(f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
     if not 0 <= args.seed < 2**32:
