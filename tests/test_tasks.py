@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from common import generate, pad_rows
 from conftest import ROOT
-from tasks import _with_pad_token, cache_root, cached, load_rows, make_task, prompt_text
+from tasks import _with_pad_token, cache_root, cached, load_rows, make_task, prompt_text, summary_of
 from tasks.bandit import PAD, bandit_reward, pi_data
 from tasks.length import gold_length_reward, skew_truncate
 
@@ -63,6 +64,16 @@ def test_bandit_geometry_r2_likely_r1_unlikely(bandit):
     assert r2 > 5 * r1 and r1 < 0.08 and r2 > 0.3, (r1, r2)
     data = bandit.preference_data
     assert len(data) > 400 and all(c > r for c, r in zip(data["chosen_score"], data["rejected_score"]))
+
+
+def test_bandit_peak_shares_r1_rare_r2_likely(bandit):
+    # pi_ref's per-token mass within 5 of mu: near pi_data's own (pi_ref fits it), and R1's peak >= 5x rarer than R2's
+    r1, r2 = bandit.info["ref_peak_share"], make_task("bandit_r2").info["ref_peak_share"]
+    p = pi_data()
+    assert abs(r1 - p[65:76].sum()) < 0.005 and abs(r2 - p[15:26].sum()) < 0.02, (r1, r2)
+    assert r1 <= r2 / 5
+    summary = summary_of(Path(bandit.policy_path).parent)  # what the build recorded and printed
+    assert (summary["ref_peak_share_bandit_r1"], summary["ref_peak_share_bandit_r2"]) == (r1, r2)
 
 
 def test_length_pi_ref_stops_and_has_a_spread_length_distribution(length_tasks):
