@@ -2,25 +2,45 @@
 
 The world (shared by the three tasks, cached once):
 - A synthetic instruction language made in code: prompts ask for a story about one or two animals
-  ("tell a story about the fox and the owl ."); a response is 1-10 template sentences about them
-  (3-10 words each), the count drawn from a table with its mode at 3 and a long tail, then EOS.
-  Responses run from 3 to ~100 tokens; max_new_tokens = 64 truncates the longest few.
+  ("tell a story about the fox and the owl ."); a response is 1-8 template sentences about them
+  (4-10 words each), the count drawn from a table with its mode at 3 and a tail that fits
+  max_new_tokens = 64, then EOS. A story never opens with "then": every response starts with "the".
 - A BPE tokenizer (`tokenizers`, vocab <= 512) trained on that corpus; pad ("<pad>") distinct from
   EOS ("<eos>"); saved in Hugging Face format.
-- pi_ref: a 2-layer, 128-wide Llama trained from scratch by `algos/sft.py`'s `sft_train`.
+- pi_ref: a 2-layer, 128-wide Llama trained from scratch by `algos/sft.py`'s `sft_train` (2 epochs, 4,000 stories).
 - Two samples per train prompt from pi_ref (temperature 1): the raw material of the preference data.
 
 Each task then labels those pairs with its gold reward (ties dropped) and trains a proxy reward model
 (`algos/reward_model.py`, Bradley-Terry, initialised from pi_ref) on them; held-out accuracy is
 reported. Response length = tokens before EOS (a response that never emits EOS counts all its
 max_new_tokens tokens; it is truncated, not an error).
-- min_length:  gold r = -length. The optimum (short) is where pi_ref is unlikely (like R1).
-- mode_length: gold r = -|length - L|, L the mode of pi_ref's sampled length distribution (computed
+- min_length:  gold r = -length. The optimum (the empty response) is where pi_ref is unlikely (like R1).
+- mode_length: gold r = -|length - L|, L the mode of the lengths of pi_ref's samples that ended (computed
   when the world is built and stored in its summary). The optimum is where pi_ref is likely (like R2).
 - skew_length: min_length's reward, but every dataset completion is cut after its first
   k = max(1, floor(u * n)) sentences, u ~ U(0, 0.5) per completion, n its sentence count, and closed
   with EOS; gold scores are recomputed on the cut text. The data then covers only the short half of
   pi_ref's lengths; the proxy reward model is trained on that skewed data too.
+
+Geometry (RECIPE v4). Claims 1 and 7 contrast a reward that peaks where pi_ref is unlikely with one that peaks where
+it is likely, so each build records `ref_peak_share` (printed, and in task.info): the probability pi_ref gives to a
+length within one token of the task's optimum (<= 1 for min_length and skew_length, L +- 1 for mode_length). It is
+estimated on the 4,000 preference samples by `length_pmf`, from pi_ref's exact probability of stopping at each position
+along its own samples: unbiased like counting, and it resolves 0.1% where counting 4,000 samples cannot.
+Why v4: the data never holds an empty response, yet v3's pi_ref (1 epoch on 5,500 stories that opened with "the" or
+"then", up to 10 sentences) ended at once 1.3% of the time: its prompts end with "." as does every sentence EOS
+follows, and an underfitted model blurred the two. A sure first token ("the") cuts that to ~0.05%, and a second epoch
+keeps pi_ref from looping (after 1 epoch some seeds ended only 81-89% of their samples); the shorter tail (8 sentences)
+lets nearly every sample end within 64 tokens. The peak must stay rare but not absent: with 3,000 stories (0.046%) the
+proxy reward model scored the empty response below a one-sentence story and online DPO stalled there on min_length
+(gold -6.4 at 60 iterations, 3 of 3 seeds); an opening phrase ("once upon a time .", 0.01%) stalled it at the opening.
+Measured (seed 0, CPU): pi_ref length mode 18, mean 24.1 +- 12.0 tokens, EOS rate 0.993; ref_peak_share 0.00092 on
+min_length and skew_length (counted on 32,768 fresh samples: 25, 0.00076), 0.091 on mode_length (99x); proxy reward
+models' held-out accuracy 0.995 / 0.984 / 0.994 (min / mode / skew). online_dpo at its defaults, gold at iterations
+0 / 10 / 20 / 60 (seed 1): min_length -22.9 / -7.2 / -1.9 / -1.2 (seeds 2, 3: -1.1), skew_length -22.9 / -17.8 / -6.2 /
+-4.3 (-1.8 at 30), mode_length -8.3 / -5.0 / -2.9 / -1.6. Build on a 2-core CPU, side by side with v3: the world 44 s
+(v3 31 s), a task ~12 s; `online_dpo.py --task skew_length` from a fresh cache 79 s (v3 59 s), 7 s of it because the
+policy takes ~20 iterations, not ~10, to get short.
 
 The study's version (Pythia SFT on AlpacaFarm prompts) runs through the same pipeline:
 --model makes pi_ref a Hugging Face causal LM (loaded in fp32, a dedicated pad token added if it has
@@ -48,9 +68,9 @@ PLACES = "forest river hill town field lake garden cave barn valley meadow bridg
 ACTS = "sees finds helps follows meets chases greets watches visits calls".split()
 MOVES = "sleeps runs sings jumps waits hides eats swims laughs rests".split()
 ADJS = "little old happy sleepy brave quiet clever tiny".split()
-SENTENCE_COUNTS = [0.06, 0.16, 0.22, 0.18, 0.13, 0.09, 0.06, 0.045, 0.03, 0.025]  # P(n = 1..10): mode 3, long tail
-RECIPE = dict(version=3, seed=0, sft_examples=5500, train_prompts=2000, eval_prompts=256, vocab=512, hidden=128, layers=2,
-              heads=4, sample_batch=512, sft_epochs=1, sft_lr=3e-3, sft_minibatch=32, max_new_tokens=64, rm_lr=1e-3, rm_epochs=3,
+SENTENCE_COUNTS = [0.06, 0.17, 0.25, 0.2, 0.14, 0.09, 0.055, 0.035]  # P(n = 1..8): mode 3, a tail that fits 64 tokens
+RECIPE = dict(version=4, seed=0, sft_examples=4000, train_prompts=2000, eval_prompts=256, vocab=512, hidden=128, layers=2,
+              heads=4, sample_batch=512, sft_epochs=2, sft_lr=3e-3, sft_minibatch=32, max_new_tokens=64, rm_lr=1e-3, rm_epochs=3,
               rm_minibatch=64, rm_eval_fraction=0.1, skew_max_fraction=0.5)
 REAL_MODEL = dict(max_new_tokens=256, sample_batch=64, rm_lr=1e-5, rm_epochs=1, rm_minibatch=16)
 
@@ -63,12 +83,12 @@ def story_prompt(rng):
 
 def story_response(prompt, rng):
     names = [w for w in prompt.split() if w in ANIMALS]
-    n = rng.choices(range(1, 11), weights=SENTENCE_COUNTS)[0]
+    n = rng.choices(range(1, len(SENTENCE_COUNTS) + 1), weights=SENTENCE_COUNTS)[0]
     out = []
-    for _ in range(n):
+    for i in range(n):  # a story never opens with "then": every response starts with "the"
         x, y = rng.choice(names), rng.choice([w for w in ANIMALS if w not in names[:1]])
         out.append(rng.choice([f"the {x} {rng.choice(MOVES)} .", f"the {x} {rng.choice(ACTS)} the {y} .",
-                               f"then the {x} {rng.choice(MOVES)} by the {rng.choice(PLACES)} .",
+                               f"{'then ' if i else ''}the {x} {rng.choice(MOVES)} by the {rng.choice(PLACES)} .",
                                f"the {rng.choice(ADJS)} {x} {rng.choice(ACTS)} the {y} in the {rng.choice(PLACES)} ."]))
     return " ".join(out)
 
@@ -79,6 +99,25 @@ def response_lengths(responses, pad_token_id, eos_token_id):
 
     mask = response_mask(responses, pad_token_id, eos_token_id)
     return (mask.sum(1) - (mask & (responses == eos_token_id)).sum(1)).float()
+
+
+@torch.no_grad()
+def length_pmf(policy, queries, responses, pad_token_id, eos_token_id, width):
+    """P(length = k | query) for k < width, per row, from one sample each: 1[length >= k] * pi(EOS | query, response_<k),
+    the policy's own probability of stopping at k where its sample had not stopped yet (teacher forcing). Its mean over
+    samples estimates the length distribution without bias, as the share of samples of each length does, with far less
+    variance: an event of probability 1e-4 is resolved from thousands of samples, not millions. -> [B, width]"""
+    from common import fused_logprobs, last_hidden_state
+
+    responses = responses[:, :width]
+    ids = torch.cat([queries, responses], 1)
+    attn = (ids != pad_token_id).long()
+    hidden = last_hidden_state(policy, input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0))
+    states = hidden[:, queries.shape[1] - 1 : -1]  # the states that predict response tokens 0 .. width-1
+    eos = torch.full(states.shape[:-1], eos_token_id, dtype=torch.long, device=ids.device)
+    p_stop = fused_logprobs(states, policy.get_output_embeddings().weight, eos, banned_token=pad_token_id).exp()
+    reached = torch.arange(responses.shape[1], device=ids.device) <= response_lengths(responses, pad_token_id, eos_token_id)[:, None]
+    return torch.nn.functional.pad(p_stop * reached, (0, width - responses.shape[1]))
 
 
 def gold_length_reward(queries, responses, pad_token_id, eos_token_id, mode=None):
@@ -139,17 +178,25 @@ def _build_world(out, r, model, prompts, device):
     g = torch.Generator(device).manual_seed(r["seed"])
     samples = []
     # two samples per train prompt: the preference data's raw material
-    for s in tqdm(range(0, len(train), r["sample_batch"] // 2), desc="sampling pi_ref", unit="batch"):
-        q = pad_rows([p for p in train[s : s + r["sample_batch"] // 2] for _ in range(2)], tokenizer.pad_token_id, left=True, device=device)
+    train_q = [p for p in train for _ in range(2)]
+    for s in tqdm(range(0, len(train_q), r["sample_batch"]), desc="sampling pi_ref", unit="batch"):
+        q = pad_rows(train_q[s : s + r["sample_batch"]], tokenizer.pad_token_id, left=True, device=device)
         y, _ = generate(policy, q, tokenizer.pad_token_id, tokenizer.eos_token_id, r["max_new_tokens"], 1.0, g)
         samples += [[t for t in row if t != tokenizer.pad_token_id] for row in y.tolist()]
     lengths = response_lengths(pad_rows(samples, tokenizer.pad_token_id, left=False), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    ended = torch.tensor([tokenizer.eos_token_id in y for y in samples])
+    mode = int(torch.mode(lengths[ended] if ended.any() else lengths).values)
+    # pi_ref's length distribution up to mode + 1 (both tasks' peak windows), estimated from the same samples
+    pmf = torch.cat([length_pmf(policy, pad_rows(train_q[s : s + r["sample_batch"]], tokenizer.pad_token_id, left=True, device=device),
+                                pad_rows(samples[s : s + r["sample_batch"]], tokenizer.pad_token_id, left=False, device=device),
+                                tokenizer.pad_token_id, tokenizer.eos_token_id, mode + 2)
+                     for s in range(0, len(samples), r["sample_batch"])]).mean(0)
     policy.save_pretrained(out / "policy")
     tokenizer.save_pretrained(out / "policy")
     (out / "data.json").write_text(json.dumps({"train_prompts": train, "eval_prompts": evals, "samples": samples}))
-    ended = sum(tokenizer.eos_token_id in y for y in samples) / len(samples)
-    return {"pi_ref_nll": nll, "length_mode": int(torch.mode(lengths).values), "length_mean": lengths.mean().item(),
-            "length_std": lengths.std().item(), "eos_rate": ended, "vocab": len(tokenizer)}
+    return {"pi_ref_nll": nll, "length_mode": mode, "length_mean": lengths.mean().item(), "length_std": lengths.std().item(),
+            "eos_rate": ended.float().mean().item(), "vocab": len(tokenizer), "ref_peak_share_empty": pmf[:2].sum().item(),
+            "ref_peak_share_mode": pmf[max(mode - 1, 0) :].sum().item()}
 
 
 def _build_task(out, r, name, world, device):
@@ -187,7 +234,8 @@ def _build_task(out, r, name, world, device):
     reward_model.save_pretrained(out / "reward_model")
     (out / "preference_data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     lengths = [len(row["chosen_ids"]) for row in rows] + [len(row["rejected_ids"]) for row in rows]
-    return {"pairs": len(rows), "rm_heldout_accuracy": accuracy, "rm_final_loss": loss[-1], "data_length_mean": sum(lengths) / len(lengths)}
+    share = summary_of(world)["ref_peak_share_mode" if name == "mode_length" else "ref_peak_share_empty"]
+    return {"ref_peak_share": share, "pairs": len(rows), "rm_heldout_accuracy": accuracy, "rm_final_loss": loss[-1], "data_length_mean": sum(lengths) / len(lengths)}
 
 
 def make(name, device, model=None, prompts=None):

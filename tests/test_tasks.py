@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -12,9 +13,9 @@ import torch
 
 from common import generate, pad_rows
 from conftest import ROOT
-from tasks import _with_pad_token, cache_root, cached, load_rows, make_task, prompt_text
+from tasks import _with_pad_token, cache_root, cached, load_rows, make_task, prompt_text, summary_of
 from tasks.bandit import PAD, bandit_reward, pi_data
-from tasks.length import gold_length_reward, skew_truncate
+from tasks.length import gold_length_reward, length_pmf, response_lengths, skew_truncate
 
 
 @pytest.fixture(scope="session")
@@ -65,9 +66,46 @@ def test_bandit_geometry_r2_likely_r1_unlikely(bandit):
     assert len(data) > 400 and all(c > r for c, r in zip(data["chosen_score"], data["rejected_score"]))
 
 
+def test_bandit_peak_shares_r1_rare_r2_likely(bandit):
+    # pi_ref's per-token mass within 5 of mu: near pi_data's own (pi_ref fits it), and R1's peak >= 5x rarer than R2's
+    r1, r2 = bandit.info["ref_peak_share"], make_task("bandit_r2").info["ref_peak_share"]
+    p = pi_data()
+    assert abs(r1 - p[65:76].sum()) < 0.005 and abs(r2 - p[15:26].sum()) < 0.02, (r1, r2)
+    assert r1 <= r2 / 5
+    summary = summary_of(Path(bandit.policy_path).parent)  # what the build recorded and printed
+    assert (summary["ref_peak_share_bandit_r1"], summary["ref_peak_share_bandit_r2"]) == (r1, r2)
+
+
+def test_length_peaks_rare_for_min_and_skew_likely_for_mode(length_tasks):
+    # claims 1 and 7: min_length's optimum (the empty response) lies where pi_ref is really unlikely (R1's analogue),
+    # mode_length's (pi_ref's modal length) where it is likely (R2's); skew_length has min_length's pi_ref and optimum
+    share = {name: t.info["ref_peak_share"] for name, t in length_tasks.items()}
+    assert 0 < share["min_length"] <= 0.002 and share["mode_length"] >= 20 * share["min_length"], share
+    assert share["skew_length"] == share["min_length"]
+    world = summary_of(Path(length_tasks["min_length"].policy_path).parent)
+    assert (world["ref_peak_share_empty"], world["ref_peak_share_mode"]) == (share["min_length"], share["mode_length"])
+    for name, t in length_tasks.items():  # each task's build recorded (and printed) its own
+        assert summary_of(Path(t.reward_model_path).parent)["ref_peak_share"] == share[name]
+
+
+def test_length_pmf_is_pi_refs_stopping_probability_along_its_samples(length_tasks):
+    t = length_tasks["min_length"]
+    policy, pad, eos = t.load_policy(), t.pad_token_id, t.eos_token_id
+    q = pad_rows(t.eval_prompts[:6], pad, left=True)
+    y, _ = generate(policy, q, pad, eos, 24, 1.0, torch.Generator().manual_seed(0))
+    pmf, lengths = length_pmf(policy, q, y, pad, eos, y.shape[1] + 2), response_lengths(y, pad, eos)
+    assert pmf.shape == (6, y.shape[1] + 2) and (pmf[:, y.shape[1]:] == 0).all()
+    for i, prompt in enumerate(t.eval_prompts[:6]):
+        for k in range(y.shape[1]):  # P(stop at k | the sample's first k tokens) until the sample stopped, then 0
+            with torch.no_grad():
+                logits = policy(torch.tensor([prompt + y[i, :k].tolist()])).logits[0, -1]
+            expected = torch.softmax(logits.index_fill(0, torch.tensor([pad]), -torch.inf), -1)[eos] if k <= lengths[i] else 0.0
+            torch.testing.assert_close(pmf[i, k], torch.as_tensor(expected), atol=1e-6, rtol=1e-4)
+
+
 def test_length_pi_ref_stops_and_has_a_spread_length_distribution(length_tasks):
     info = length_tasks["min_length"].info
-    assert info["eos_rate"] > 0.9  # pi_ref ends its responses
+    assert info["eos_rate"] > 0.97  # pi_ref ends its responses
     assert 12 <= info["length_mode"] <= 30 and info["length_mean"] > info["length_mode"]  # a mode, and a long tail
     assert info["length_std"] > 8
 
@@ -96,7 +134,7 @@ def test_skew_data_is_shorter_and_proxy_models_beat_chance(length_tasks):
     assert skew["data_length_mean"] < 0.5 * full["length_mean"]
     for name, t in length_tasks.items():
         print(f"{name}: proxy RM held-out pairwise accuracy {t.info['rm_heldout_accuracy']:.3f} on {t.info['pairs']} pairs")
-        assert t.info["rm_heldout_accuracy"] > 0.85
+        assert t.info["rm_heldout_accuracy"] > 0.95
         d = t.preference_data
         assert all(c > r for c, r in zip(d["chosen_score"], d["rejected_score"]))  # ordered, ties dropped
 
