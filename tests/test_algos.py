@@ -103,7 +103,7 @@ def test_online_dpo_learns_skew_length(tmp_path):
     _, rows = train("online_dpo", tmp_path, "skew_length", "--num-iterations", "20")
     evals = [r for r in rows if "eval/gold_reward" in r]
     # measured: -30.3 at iteration 0, about -0.4 after 20 iterations; a broken loss stays near -30 or gets longer
-    assert evals[0]["eval/gold_reward"] < -25 and evals[-1]["eval/gold_reward"] > -8
+    assert evals[0]["eval/gold_reward"] < -20 and evals[-1]["eval/gold_reward"] > -8
     assert evals[-1]["eval/eos_rate"] > 0.95
 
 

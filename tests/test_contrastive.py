@@ -195,7 +195,7 @@ def test_online_ipo_learns_skew_length(tmp_path):
     _, rows = train("online_ipo", tmp_path, "skew_length", "--num-iterations", "20")
     evals = _evals(rows)
     # measured: -29.6 at iteration 0, -0.24 after 20 iterations (as online_dpo's test); a broken loss stays near -29 or gets longer
-    assert evals[0]["eval/gold_reward"] < -25 and evals[-1]["eval/gold_reward"] > -8
+    assert evals[0]["eval/gold_reward"] < -20 and evals[-1]["eval/gold_reward"] > -8
 
 
 def test_hypo_keeps_kl_below_dpo_on_min_length(tmp_path):

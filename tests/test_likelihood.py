@@ -171,7 +171,7 @@ def test_rwr_learns_min_length(tmp_path):
     # measured (seed 1, lr 1e-4, the tuned default; length RECIPE v3): -29.6 at iteration 0 (EOS rate 0.93), -0.72 after 10 (EOS 1.0)
     _, rows = train("rwr", tmp_path, "min_length", "--learning-rate", "1e-4", "--num-iterations", "10")
     evals = [r for r in rows if "eval/gold_reward" in r]
-    assert evals[0]["eval/gold_reward"] < -25 and evals[-1]["eval/gold_reward"] > -5 and evals[-1]["eval/eos_rate"] > 0.95, evals
+    assert evals[0]["eval/gold_reward"] < -20 and evals[-1]["eval/gold_reward"] > -5 and evals[-1]["eval/eos_rate"] > 0.95, evals
 
 
 def test_same_seed_same_metrics(tmp_path):

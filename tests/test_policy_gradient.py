@@ -261,7 +261,7 @@ LEARNING = [
 def test_learns(script, task, iterations, threshold, tmp_path):
     _, rows = train(script, tmp_path, task, "--num-iterations", str(iterations), "--eval-every", str(iterations))
     first, last = rows[0], rows[-1]
-    assert first["eval/gold_reward"] < (0.05 if task == "bandit_r1" else -25)
+    assert first["eval/gold_reward"] < (0.05 if task == "bandit_r1" else -20)
     assert last["eval/gold_reward"] > threshold, (first["eval/gold_reward"], last["eval/gold_reward"])
     assert last["eval/eos_rate"] > 0.95 and math.isfinite(last["eval/kl_ref"])
 
