@@ -3,7 +3,7 @@
     loss = -(1 / |y_best|) * log pi(y_best|x) + beta * max((1 / |y_worst|) * log pi(y_worst|x), floor)
 
 Iterated Best-of-N plus the negative gradient, the study's claim 3 ("it beats plain Best-of-N")
-(Tajwar et al. 2024, PAPER.md sections 2 and 4). Each
+(Tajwar et al. 2024, docs/paper.md sections 2 and 4). Each
 iteration samples C completions for each of B / C prompts from pi_theta, ranks them with the task's
 proxy reward, pairs the best with the worst, drops pairs whose reward gap is <= a threshold, and
 takes token-mean steps raising log pi(y_best) and lowering log pi(y_worst) (`--all-worse`: each one
@@ -98,7 +98,7 @@ class Args:
     num_eval_prompts: int = 128
     """held-out prompts per evaluation"""
 
-    # Algorithm 1 (PAPER.md section 2)
+    # Algorithm 1 (docs/paper.md section 2)
     num_iterations: Optional[int] = None
     """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
     batch_size: int = 64

@@ -3,7 +3,7 @@
     loss = -log sigmoid(beta * ((log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))))
 
 Rafailov et al. 2023, eq. 7; the study's "offline, negative gradient" method (Tajwar et al. 2024,
-PAPER.md section 4). Axes: on-policy sampling NO (pairs were collected once, from pi_ref; their
+docs/paper.md section 4). Axes: on-policy sampling NO (pairs were collected once, from pi_ref; their
 reference log-probs are computed once, before training), sample reuse YES (the pairs come back every
 pass over the dataset; `--update-epochs` T > 1 reuses each batch), negative gradient YES.
 
@@ -91,7 +91,7 @@ class Args:
     num_eval_prompts: int = 128
     """held-out prompts per evaluation"""
 
-    # Algorithm 1 (PAPER.md section 2)
+    # Algorithm 1 (docs/paper.md section 2)
     num_iterations: Optional[int] = None
     """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
     batch_size: int = 64

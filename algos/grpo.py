@@ -93,7 +93,7 @@ class Args:
     num_eval_prompts: int = 128
     """held-out prompts per evaluation"""
 
-    # Algorithm 1 (PAPER.md section 2)
+    # Algorithm 1 (docs/paper.md section 2)
     num_iterations: Optional[int] = None
     """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
     batch_size: int = 64

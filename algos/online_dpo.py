@@ -3,7 +3,7 @@
     loss = -log sigmoid(beta * ((log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))))
 
 Guo et al. 2024 ("Direct language model alignment from online AI feedback"); the study's
-"on-policy + negative gradient" method (Tajwar et al. 2024, PAPER.md sections 2 and 4). Each
+"on-policy + negative gradient" method (Tajwar et al. 2024, docs/paper.md sections 2 and 4). Each
 iteration samples C completions for each of B / C prompts from pi_theta, ranks them with the task's
 proxy reward, pairs the best with the worst, drops pairs whose reward gap is <= a threshold, and
 takes DPO steps against the frozen pi_ref. Axes: on-policy sampling YES, sample reuse only with
@@ -94,7 +94,7 @@ class Args:
     num_eval_prompts: int = 128
     """held-out prompts per evaluation"""
 
-    # Algorithm 1 (PAPER.md section 2)
+    # Algorithm 1 (docs/paper.md section 2)
     num_iterations: Optional[int] = None
     """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
     batch_size: int = 64

@@ -4,7 +4,7 @@
     r_t = -kl_coef * (log pi_old - log pi_ref)(y_t) (+ the proxy reward at the last token),   A = whiten(GAE(r, V; gamma, lambda))
 
 Schulman et al. 2017, for language models as in Ziegler et al. 2019 and Stiennon et al. 2020, written after
-summarize_from_feedback_details (Huang et al. 2024); the study's PPO (Tajwar et al. 2024, PAPER.md section 4).
+summarize_from_feedback_details (Huang et al. 2024); the study's PPO (Tajwar et al. 2024, docs/paper.md section 4).
 Each iteration samples C completions for each of B / C prompts from pi_theta (pi_old: the sampling pass's
 log-probs), scores them with the proxy reward and spreads credit over tokens: a per-token KL penalty, the score
 at the last token, GAE (gamma 1, lambda 0.95) against a value model V, advantages whitened over the batch.
@@ -106,7 +106,7 @@ class Args:
     num_eval_prompts: int = 128
     """held-out prompts per evaluation"""
 
-    # Algorithm 1 (PAPER.md section 2)
+    # Algorithm 1 (docs/paper.md section 2)
     num_iterations: Optional[int] = None
     """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
     batch_size: int = 64
@@ -124,7 +124,7 @@ class Args:
 
     # Algorithm specific arguments
     init_kl_coef: float = 0.02
-    """initial weight of the per-token KL(pi || pi_ref) penalty in the reward (PAPER.md: 0.2 or 0.02)"""
+    """initial weight of the per-token KL(pi || pi_ref) penalty in the reward (docs/paper.md: 0.2 or 0.02)"""
     adaptive_kl: bool = True
     """adapt kl_coef towards target_kl (Ziegler et al. 2019); off: kl_coef stays init_kl_coef"""
     target_kl: float = 6.0

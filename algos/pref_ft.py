@@ -2,7 +2,7 @@
 
     loss = -(1 / |y_w|) * log pi(y_w|x)          (token mean per response, then mean over pairs)
 
-The study's "offline, no negative gradient" baseline (Tajwar et al. 2024, PAPER.md section 4):
+The study's "offline, no negative gradient" baseline (Tajwar et al. 2024, docs/paper.md section 4):
 supervised fine-tuning on the winners, mode-covering. Axes: on-policy sampling NO, sample reuse YES
 (the pairs come back every epoch of the dataset; `--update-epochs` T > 1 reuses each batch),
 negative gradient NO (y_l is never pushed down). The rejected response still goes through the same
@@ -92,7 +92,7 @@ class Args:
     num_eval_prompts: int = 128
     """held-out prompts per evaluation"""
 
-    # Algorithm 1 (PAPER.md section 2)
+    # Algorithm 1 (docs/paper.md section 2)
     num_iterations: Optional[int] = None
     """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
     batch_size: int = 64

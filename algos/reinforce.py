@@ -2,7 +2,7 @@
 
     loss = -A * log pi(y|x),   A = clip(r - b, -10, 10),   r = proxy reward - kl_coef * (log pi(y|x) - log pi_ref(y|x))
 
-Williams 1992; the study's REINFORCE (Tajwar et al. 2024, PAPER.md section 4), with RLOO's leave-one-out
+Williams 1992; the study's REINFORCE (Tajwar et al. 2024, docs/paper.md section 4), with RLOO's leave-one-out
 baseline (Ahmadian et al. 2024) or a moving average. Each iteration samples C completions for each of
 B / C prompts from pi_theta and scores them with the proxy reward. Axes: on-policy sampling YES, sample
 reuse only with T > 1 (stale samples reused as if fresh: no importance ratio), negative gradient YES (A < 0).
@@ -91,7 +91,7 @@ class Args:
     num_eval_prompts: int = 128
     """held-out prompts per evaluation"""
 
-    # Algorithm 1 (PAPER.md section 2)
+    # Algorithm 1 (docs/paper.md section 2)
     num_iterations: Optional[int] = None
     """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
     batch_size: int = 64

@@ -3,7 +3,7 @@
     loss = -w * (1 / |y|) * log pi(y|x),   w = clip(exp(A / tau), 0, max_weight),   A = (r - mean r) / std r
 
 Reward-weighted regression (Peters & Schaal 2007), the study's "no negative gradient" RWR
-(Tajwar et al. 2024, PAPER.md sections 2 and 4). Each
+(Tajwar et al. 2024, docs/paper.md sections 2 and 4). Each
 iteration samples C completions for each of B / C prompts from pi_theta, ranks them with the task's
 proxy reward, drops prompts whose reward spread is <= a threshold, standardises each prompt's C
 rewards (A, as the study's bandit code) and takes weighted token-mean likelihood steps on all C, w >= 0.
@@ -96,7 +96,7 @@ class Args:
     num_eval_prompts: int = 128
     """held-out prompts per evaluation"""
 
-    # Algorithm 1 (PAPER.md section 2)
+    # Algorithm 1 (docs/paper.md section 2)
     num_iterations: Optional[int] = None
     """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
     batch_size: int = 64

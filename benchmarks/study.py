@@ -1,4 +1,4 @@
-"""The study in one command: the nine claims of PAPER.md section 5, each measured in its own words, with figures.
+"""The study in one command: the nine claims of docs/paper.md section 5, each measured in its own words, with figures.
 
     python benchmarks/study.py --tune              # first: rates, KL strengths, budgets -> benchmarks/tuning.json (hours)
     python benchmarks/study.py                     # all claims, seeds 1-5: report.md, report.json, figures in benchmarks/figures/
@@ -52,7 +52,7 @@ The protocol, fixed before the final run (issue 19):
   arm with the highest mean and every arm whose interval reaches its interval (upper end >= its lower end). "X is
   best or fastest" holds when X is in the top group and some arm is not, fails when X is not in it, and is
   inconclusive when every arm is.
-- Each check quotes the words of PAPER.md section 5 it tests. Speed and "beats" claims (1, 2, 3, 5, 6) compare
+- Each check quotes the words of docs/paper.md section 5 it tests. Speed and "beats" claims (1, 2, 3, 5, 6) compare
   areas against responses, claim 7 against gradient steps; claims 4 and 9 compare full-length finals, and claim 2
   reports its full-length finals too. Claim 8 is the deterministic toy: one value, no interval. The checks:
   1. bandit_r1 and min_length: online_dpo > dpo, best_of_n > best_of_n --offline ("beat"); each gap larger there
@@ -118,7 +118,7 @@ TUNING = ROOT / "benchmarks" / "tuning.json"
 @dataclass
 class Args:
     claims: list[int] = field(default_factory=lambda: list(range(1, 10)))
-    """claims to run (1-9, PAPER.md section 5)"""
+    """claims to run (1-9, docs/paper.md section 5)"""
     seeds: Optional[list[int]] = None
     """reporting seeds (default 1 2 3 4 5; 1 with --quick), e.g. --seeds 21 22 23"""
     quick: bool = False
@@ -543,7 +543,7 @@ def save(fig, path):
 @dataclass
 class Claim:
     number: int
-    words: str  # PAPER.md section 5, verbatim
+    words: str  # docs/paper.md section 5, verbatim
     arms: list  # [(Arm, length)]: length "budget", "full", "steps" (claim 7's budget in gradient steps) or None (the toy)
     judge: Callable  # (Results) -> (lines: [str], checks: [Check])
     plot: Callable  # (Results, path) -> None

@@ -419,7 +419,7 @@ def load_rows(path_or_id: str, split: str, columns: list) -> list:
 
 def prompt_text(row: dict, column: str = "prompt") -> str:
     """The prompt of a dataset row: its `column`, or else AlpacaFarm's `instruction` [+ `input`] in the
-    study's Pythia-SFT template (PAPER.md 3c)."""
+    study's Pythia-SFT template (docs/paper.md 3c)."""
     if column in row:
         return row[column]
     if "instruction" in row:

@@ -1,4 +1,4 @@
-"""Didactic bandit (PAPER.md 3a): token sequences whose reward peaks where pi_ref is unlikely (R1) or likely (R2).
+"""Didactic bandit (docs/paper.md 3a): token sequences whose reward peaks where pi_ref is unlikely (R1) or likely (R2).
 
 - Vocabulary: tokens 0..99 (written as the words "0".."99") plus a pad token (100). No EOS: every
   response is exactly 9 tokens. Prompt: one token drawn uniformly.

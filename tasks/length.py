@@ -1,4 +1,4 @@
-"""Synthetic length tasks (PAPER.md 3b) at laptop scale: min_length, mode_length, skew_length.
+"""Synthetic length tasks (docs/paper.md 3b) at laptop scale: min_length, mode_length, skew_length.
 
 The world (shared by the three tasks, cached once):
 - A synthetic instruction language made in code: prompts ask for a story about one or two animals

@@ -1,4 +1,4 @@
-"""The study's full-scale settings (PAPER.md 3c) as named tasks, and real data on the length tasks.
+"""The study's full-scale settings (docs/paper.md 3c) as named tasks, and real data on the length tasks.
 
 - ultrafeedback: a chat policy (--model, e.g. Zephyr's Mistral-7B SFT) on UltraFeedback binarized
   (HuggingFaceH4/ultrafeedback_binarized: `train_prefs` pairs and prompts, `test_prefs` eval prompts; ties dropped), or
