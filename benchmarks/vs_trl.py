@@ -51,7 +51,7 @@ def cleanpref_times(script, iterations, threads, root=ROOT):
     with tempfile.TemporaryDirectory() as cwd:
         cmd = [sys.executable, str(Path(root) / "algos" / f"{script}.py"), "--task", TASK, "--learning-rate", str(LR), "--batch-size", "64",
                "--minibatch-size", "64", "--num-iterations", str(WARMUP + iterations + 1), "--eval-every", "100000", "--num-eval-prompts", "8",
-               "--threads", str(threads)]
+               "--threads", str(threads)] + (["--num-completions", "2"] if script == "online_dpo" else [])  # TRL's pairs: C = 2
         out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"{script}.py failed:\n{out.stderr[-2000:]}")
