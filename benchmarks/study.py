@@ -38,10 +38,10 @@ The protocol, fixed before the final run (issue 19):
   tasks; each rate scored by its area over the task's budget, mean over the tuning seeds; the best wins (scores
   within 1e-6 tie; the smaller rate wins a tie). A winner at the edge of its grid adds the next rate beyond it, and
   budgets and winners are recomputed from all runs so far (a budget can only shrink), until every winner is
-  interior or at the limits 1e-6 and 1e-1. Then, at each winning rate, the KL strength of ppo (--init-kl-coef),
-  grpo (--beta) and hypo (--kl-coef) on 3 points, the default and a half-decade either side (coordinate-wise: the
-  rate is not re-tuned at the new strength), scored over the same budgets (fixed before these runs; a tie keeps
-  the default). It writes benchmarks/tuning.json and prints the TASK_DEFAULTS rows it implies; the study passes
+  interior or at the limits 1e-6 and 1e-1, or `--tune-rounds` rounds have run. Then, at each winning rate, the KL
+  strength of ppo (--init-kl-coef), grpo (--beta) and hypo (--kl-coef) on 3 points, the default and a half-decade
+  either side (coordinate-wise: the rate is not re-tuned at the new strength), scored over the same budgets (fixed
+  before these runs; a tie keeps the default). It writes benchmarks/tuning.json and prints the TASK_DEFAULTS rows it implies; the study passes
   each arm its tuned rate and KL strength from that file explicitly. (`--tune-around-defaults` starts each grid at
   the script's current rate and its two neighbours instead: about 0.6x the runs, the same rule after that.)
 - Verdicts. Reporting seeds 1-5. Each check is a difference paired by seed, signed so that the claim predicts it
@@ -111,7 +111,7 @@ LADDER = [float(f"{m}e{e}") for e in range(-8, 1) for m in (1, 3)]  # the half-d
 LR_START = {t: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2] if t in BANDITS else [1e-5, 3e-5, 1e-4, 3e-4, 1e-3] for t in TASKS}
 LR_LIMITS = (1e-6, 1e-1)
 KL_KNOBS = {"ppo": ("init_kl_coef", [0.0063, 0.02, 0.063]), "grpo": ("beta", [0.013, 0.04, 0.13]),
-            "hypo": ("kl_coef", [0.0095, 0.03, 0.095])}  # the default and a half-decade either side
+            "hypo": ("kl_coef", [0.0095, 0.03, 0.095])}  # the untuned default (passed in the rate sweeps) and a half-decade either side
 TUNING = ROOT / "benchmarks" / "tuning.json"
 
 
@@ -149,6 +149,9 @@ class Args:
     """start each grid at the script's current rate and the half-decade either side (3 rates, not 5: about 0.6x the runs)"""
     tune_limits: tuple[float, float] = LR_LIMITS
     """the grid is never extended beyond these rates"""
+    tune_rounds: Optional[int] = None
+    """at most this many rounds of learning-rate runs (the first grid, then one per extension); default: until every
+    winner is interior. A capped tuning leaves some winners at an edge (`"edge": true` in --tuning)"""
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -1082,6 +1085,7 @@ def run_tune(args: Args, out: Path):
 
     def tuning_arm(m, t, lr, kl=None):
         a = arm_of(m, t)
+        kl = KL_KNOBS[a.script][1][1] if kl is None and a.script in KL_KNOBS else kl  # the rates are swept at the untuned KL
         extra = (("learning-rate", f"{lr:g}"),) + (((KL_KNOBS[a.script][0].replace("_", "-"), f"{kl:g}"),) if kl is not None else ())
         return Arm(a.script, t, a.options + extra)
 
@@ -1135,7 +1139,7 @@ def run_tune(args: Args, out: Path):
         winners = {k: pick(s) for k, s in scores.items()}
         grown = {k: extend(grid[k], w, args.tune_limits) for k, w in winners.items() if w is not None}
         grown = {k: g for k, g in grown.items() if g}
-        if not grown:
+        if not grown or rounds == args.tune_rounds:
             break
         print(f"round {rounds}: extending {len(grown)} grids past their edge winners: " + ", ".join(f"{m} on {t}" for m, t in grown))
         grid |= grown
@@ -1144,19 +1148,20 @@ def run_tune(args: Args, out: Path):
     for (m, t), lr in winners.items():
         if m in KL_KNOBS and lr is not None:
             for kl in KL_KNOBS[m][1]:
-                if kl != getattr(script_args(m), KL_KNOBS[m][0]):
+                if kl != KL_KNOBS[m][1][1]:
                     want(m, t, lr, kl)
     launcher.launch([r for rs in runs.values() for r in rs])
     for (m, t), lr in winners.items():
         if m in KL_KNOBS and lr is not None:
             knob, values = KL_KNOBS[m]
-            default = getattr(script_args(m), knob)
+            default = values[1]
             kl_scores[m, t] = {kl: scores[m, t][lr] if kl == default else score(runs[m, t, lr, kl], budgets[t]["samples"]) for kl in values}
             kl_winners[m, t] = pick(kl_scores[m, t], prefer=default)
 
     result = {"command": "python benchmarks/study.py " + " ".join(sys.argv[1:]), "tuning_seeds": seeds, "tasks": tasks,
               "wall_s": round(time.time() - start, 1), "workers": args.workers, "runs": sum(len(rs) for rs in runs.values()),
               "runs_s": round(launcher.wall([r for rs in runs.values() for r in rs]), 1), "rounds": rounds,
+              "edges_left": sum(lr is not None and lr in (grid[k][0], grid[k][-1]) for k, lr in winners.items()),
               "protocol": "area over the task's budget (normalised gold, trapezoid), mean over the tuning seeds; budgets by the rule in "
                           "benchmarks/study.py's docstring; half-decade rates extended past edge winners; KL strength on 3 points at the "
                           "winning rate",

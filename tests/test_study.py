@@ -108,8 +108,9 @@ def test_the_tuning_grid_extends_past_edge_winners_within_limits(study):
     assert study.extend(grid, 3e-4, (1e-6, 1e-1)) is None and study.extend(grid, 1e-3, (1e-6, 1e-3)) is None  # interior; at the limit
     assert study.pick({1e-4: -3.0, 3e-4: -1.0, 1e-3: -1.0 + 1e-8, 3e-3: float("nan")}) == 3e-4  # a tie goes to the smaller rate
     assert study.pick({0.0063: 0.5, 0.02: 0.5, 0.063: 0.1}, prefer=0.02) == 0.02  # a KL tie keeps the default
-    for script, (knob, values) in study.KL_KNOBS.items():  # the KL grids are centred on the scripts' defaults
-        assert values[1] == getattr(study.script_args(script), knob) and values[0] < values[1] < values[2]
+    for script, (knob, values) in study.KL_KNOBS.items():  # 3-point KL grids; the scripts' per-task strengths come from them
+        assert values[0] < values[1] < values[2] and getattr(study.script_args(script), knob) is None  # None: per task
+        assert {d[knob] for d in study.load_script(script).TASK_DEFAULTS.values()} <= set(values)
 
 
 # --------------------------------------------------------------------- response counting in the real scripts
