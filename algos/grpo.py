@@ -48,7 +48,7 @@ class Args:
     cuda: bool = False
     """run on CUDA (falls back to CPU with a warning when there is none)"""
     fsdp: bool = False
-    """under torchrun: shard the policy and pi_ref with FSDP2 (fully_shard) instead of DDP (README "Scaling")"""
+    """under torchrun: shard the policy and pi_ref with FSDP2 (fully_shard) instead of DDP (docs/scaling.md)"""
     bf16: bool = False
     """forward passes under bf16 autocast (fp32 weights and Adam state); for CUDA"""
     resume: Optional[str] = None
@@ -112,8 +112,9 @@ class Args:
     # Algorithm specific arguments
     loss_type: Literal["grpo", "dr_grpo"] = "grpo"
     """grpo: A / std and a per-sequence token mean; dr_grpo (Dr. GRPO): neither"""
-    beta: float = 0.04
-    """weight of the per-token k3 estimate of KL(pi || pi_ref) in the loss; 0 turns it off"""
+    beta: Optional[float] = None
+    """weight of the per-token k3 estimate of KL(pi || pi_ref) in the loss; 0 turns it off; default per task, see
+    TASK_DEFAULTS, else 0.04"""
     cliprange: float = 0.2
     """eps: the ratio pi / pi_old is clipped to [1 - eps, 1 + eps]"""
     missing_eos_penalty: float = 10.0
@@ -129,13 +130,14 @@ class Args:
     """B / C, prompts per iteration"""
 
 
-# tuned on each embedded task (README, "Tuned defaults"); a value given on the command line wins
+# tuned on each embedded task by `python benchmarks/study.py --tune` (docs/study.md; scores in benchmarks/tuning.json);
+# a value given on the command line wins
 TASK_DEFAULTS = {
-    "bandit_r1": dict(num_iterations=100, learning_rate=1e-3),
-    "bandit_r2": dict(num_iterations=100, learning_rate=3e-3),
-    "min_length": dict(num_iterations=60, learning_rate=1e-4),
-    "mode_length": dict(num_iterations=60, learning_rate=1e-4),
-    "skew_length": dict(num_iterations=60, learning_rate=3e-5),
+    "bandit_r1": dict(num_iterations=100, learning_rate=3e-2, beta=0.013),
+    "bandit_r2": dict(num_iterations=100, learning_rate=1e-2, beta=0.013),
+    "min_length": dict(num_iterations=60, learning_rate=3e-3, beta=0.013),
+    "mode_length": dict(num_iterations=60, learning_rate=1e-3, beta=0.013),
+    "skew_length": dict(num_iterations=60, learning_rate=1e-3, beta=0.04),
 }
 
 
@@ -186,6 +188,7 @@ def main(args: Args):
             setattr(args, k, v)
     if args.num_iterations is None or args.learning_rate is None:  # the real tasks have no tuned defaults
         raise SystemExit(f"--task {args.task} has no tuned defaults: pass --num-iterations and --learning-rate")
+    args.beta = 0.04 if args.beta is None else args.beta
     args.num_minibatches = exact_div(args.batch_size, args.minibatch_size, "--batch-size / --minibatch-size")
     args.num_prompts = exact_div(args.batch_size, args.num_completions, "--batch-size / --num-completions")
     if args.num_completions < 2 or not args.cliprange > 0:

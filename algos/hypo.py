@@ -16,8 +16,8 @@ read or generated: 2 per offline pair (as dpo.py) and the k online samples per p
 The authors' code is not among the stored repositories; from the paper: samples for the offline batch's prompts, the KL as the sequence
 log-ratio (`eval/kl_ref`'s quantity, not length-normalised). Ours: the k = 2 samples are drawn once per iteration (Algorithm 1's collect
 step), so later minibatch steps use samples a few steps stale, as online_dpo.py does; a leave-one-out baseline (RLOO); samples without
-EOS are scored as truncated; lambda 0.03, tuned once (bandit_r1, lr 3e-3: lambda 0.003/0.01/0.03/0.1/0.3 -> gold 0.12/0.11/0.11/0.07/0.05;
-min_length, lr 1e-3, recipe v2: -0.56/-0.01/0/0/0). At lr 1e-3 min/skew_length end on the empty response (KL -log pi_ref(EOS) = 4.3).
+EOS are scored as truncated; lambda tuned per task with the learning rate (TASK_DEFAULTS; 0.03 off the embedded tasks).
+On min_length and skew_length the optimum is the empty response, at KL -log pi_ref(EOS | x) from pi_ref.
 
 Log-probs are sequence sums over response tokens (EOS included, pads never), scored at the sampling
 temperature. Deviation from the study's LLM code: that code compares token t of y_w with token t of
@@ -58,7 +58,7 @@ class Args:
     cuda: bool = False
     """run on CUDA (falls back to CPU with a warning when there is none)"""
     fsdp: bool = False
-    """under torchrun: shard the policy and pi_ref with FSDP2 (fully_shard) instead of DDP (README "Scaling")"""
+    """under torchrun: shard the policy and pi_ref with FSDP2 (fully_shard) instead of DDP (docs/scaling.md)"""
     bf16: bool = False
     """forward passes under bf16 autocast (fp32 weights and Adam state); for CUDA"""
     resume: Optional[str] = None
@@ -106,7 +106,7 @@ class Args:
     # Algorithm 1 (docs/paper.md section 2)
     num_iterations: Optional[int] = None
     """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
-    batch_size: int = 64
+    batch_size: int = 16
     """B, preference pairs per iteration (`samples` counts responses: 2 per pair and the k online samples per pair)"""
     minibatch_size: int = 16
     """M, samples per gradient step"""
@@ -120,8 +120,9 @@ class Args:
     # Algorithm specific arguments
     beta: float = 0.1
     """DPO's inverse temperature: the strength of the implicit KL(pi || pi_ref) penalty"""
-    kl_coef: float = 0.03
-    """lambda, the weight of the online KL(pi || pi_ref) term (0 turns it off: dpo.py's updates)"""
+    kl_coef: Optional[float] = None
+    """lambda, the weight of the online KL(pi || pi_ref) term (0 turns it off: dpo.py's updates); default per task, see
+    TASK_DEFAULTS, else 0.03"""
     num_online_samples: int = 2
     """k, samples drawn from pi_theta per offline prompt each iteration (>= 2 for the leave-one-out baseline)"""
 
@@ -132,13 +133,14 @@ class Args:
     """processes (torchrun); B and M are global: each process trains on its share of every minibatch"""
 
 
-# tuned on each embedded task (README, "Tuned defaults"); a value given on the command line wins
+# tuned on each embedded task by `python benchmarks/study.py --tune` (docs/study.md; scores in benchmarks/tuning.json);
+# a value given on the command line wins
 TASK_DEFAULTS = {
-    "bandit_r1": dict(num_iterations=100, learning_rate=3e-3),
-    "bandit_r2": dict(num_iterations=100, learning_rate=1e-4),
-    "min_length": dict(num_iterations=60, learning_rate=1e-3),
-    "mode_length": dict(num_iterations=60, learning_rate=1e-4),
-    "skew_length": dict(num_iterations=60, learning_rate=1e-3),
+    "bandit_r1": dict(num_iterations=100, learning_rate=3e-2, kl_coef=0.0095),
+    "bandit_r2": dict(num_iterations=100, learning_rate=3e-3, kl_coef=0.0095),
+    "min_length": dict(num_iterations=60, learning_rate=3e-2, kl_coef=0.095),
+    "mode_length": dict(num_iterations=60, learning_rate=1e-4, kl_coef=0.03),
+    "skew_length": dict(num_iterations=60, learning_rate=1e-2, kl_coef=0.0095),
 }
 
 
@@ -200,6 +202,7 @@ def main(args: Args):
             setattr(args, k, v)
     if args.num_iterations is None or args.learning_rate is None:  # the real tasks have no tuned defaults
         raise SystemExit(f"--task {args.task} has no tuned defaults: pass --num-iterations and --learning-rate")
+    args.kl_coef = 0.03 if args.kl_coef is None else args.kl_coef
     args.num_minibatches = exact_div(args.batch_size, args.minibatch_size, "--batch-size / --minibatch-size")
     if not args.beta > 0 or args.kl_coef < 0 or args.num_online_samples < 2:
         raise SystemExit(f"need --beta > 0, --kl-coef >= 0 and --num-online-samples >= 2 (the leave-one-out baseline), got "

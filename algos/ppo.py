@@ -22,8 +22,8 @@ the batch's mean sequence KL, target 6 and horizon 10000 (lm-human-preferences);
 kl_coef by at most 14%. A completion without EOS loses `--missing-eos-penalty` from its score.
 
 The penalty decides what PPO can reach: on bandit_r1 the KL-regularised optimum pi* ~ pi_ref exp(r / kl_coef)
-at kl_coef 0.02 has E[r] = 0.76 at KL 21.7 (bandit_r2: 0.89 at 9.4), and the default runs end near it (0.71 at
-KL 19; 0.88 at 9), where REINFORCE, with no penalty, reaches 1.0 at KL 52. Departures from
+at kl_coef 0.02 has E[r] = 0.76 at KL 21.7 (bandit_r2: 0.89 at 9.4), so the tuned bandit defaults start from a weaker
+penalty (0.0063, TASK_DEFAULTS); REINFORCE, with no penalty, can reach 1.0. Departures from
 summarize_from_feedback_details: values are masked with the response mask (it keeps one position more), the
 approx_kl logged is the k3 estimate (CleanRL's), two optimisers instead of one over both models with vf_coef.
 
@@ -61,7 +61,7 @@ class Args:
     cuda: bool = False
     """run on CUDA (falls back to CPU with a warning when there is none)"""
     fsdp: bool = False
-    """under torchrun: shard the policy and pi_ref with FSDP2 (fully_shard) instead of DDP (README "Scaling")"""
+    """under torchrun: shard the policy and pi_ref with FSDP2 (fully_shard) instead of DDP (docs/scaling.md)"""
     bf16: bool = False
     """forward passes under bf16 autocast (fp32 weights and Adam state); for CUDA"""
     resume: Optional[str] = None
@@ -123,8 +123,9 @@ class Args:
     """gradient clipping"""
 
     # Algorithm specific arguments
-    init_kl_coef: float = 0.02
-    """initial weight of the per-token KL(pi || pi_ref) penalty in the reward (docs/paper.md: 0.2 or 0.02)"""
+    init_kl_coef: Optional[float] = None
+    """initial weight of the per-token KL(pi || pi_ref) penalty in the reward (docs/paper.md: 0.2 or 0.02); default per
+    task, see TASK_DEFAULTS, else 0.02"""
     adaptive_kl: bool = True
     """adapt kl_coef towards target_kl (Ziegler et al. 2019); off: kl_coef stays init_kl_coef"""
     target_kl: float = 6.0
@@ -150,13 +151,14 @@ class Args:
     """B / C, prompts per iteration"""
 
 
-# tuned on each embedded task (README, "Tuned defaults"); a value given on the command line wins
+# tuned on each embedded task by `python benchmarks/study.py --tune` (docs/study.md; scores in benchmarks/tuning.json);
+# a value given on the command line wins
 TASK_DEFAULTS = {
-    "bandit_r1": dict(num_iterations=100, learning_rate=3e-4),
-    "bandit_r2": dict(num_iterations=100, learning_rate=1e-3),
-    "min_length": dict(num_iterations=60, learning_rate=1e-3),
-    "mode_length": dict(num_iterations=60, learning_rate=1e-3),
-    "skew_length": dict(num_iterations=60, learning_rate=1e-3),
+    "bandit_r1": dict(num_iterations=100, learning_rate=1e-2, init_kl_coef=0.0063),
+    "bandit_r2": dict(num_iterations=100, learning_rate=3e-2, init_kl_coef=0.0063),
+    "min_length": dict(num_iterations=60, learning_rate=3e-3, init_kl_coef=0.02),
+    "mode_length": dict(num_iterations=60, learning_rate=1e-3, init_kl_coef=0.063),
+    "skew_length": dict(num_iterations=60, learning_rate=1e-3, init_kl_coef=0.063),
 }
 
 
@@ -251,6 +253,7 @@ def main(args: Args):
             setattr(args, k, v)
     if args.num_iterations is None or args.learning_rate is None:  # the real tasks have no tuned defaults
         raise SystemExit(f"--task {args.task} has no tuned defaults: pass --num-iterations and --learning-rate")
+    args.init_kl_coef = 0.02 if args.init_kl_coef is None else args.init_kl_coef
     args.num_minibatches = exact_div(args.batch_size, args.minibatch_size, "--batch-size / --minibatch-size")
     args.num_prompts = exact_div(args.batch_size, args.num_completions, "--batch-size / --num-completions")
     if not (0 <= args.gamma <= 1 and 0 <= args.lam <= 1):

@@ -51,7 +51,7 @@ class Args:
     cuda: bool = False
     """run on CUDA (falls back to CPU with a warning when there is none)"""
     fsdp: bool = False
-    """under torchrun: shard the policy and pi_ref with FSDP2 (fully_shard) instead of DDP (README "Scaling")"""
+    """under torchrun: shard the policy and pi_ref with FSDP2 (fully_shard) instead of DDP (docs/scaling.md)"""
     bf16: bool = False
     """forward passes under bf16 autocast (fp32 weights and Adam state); for CUDA"""
     resume: Optional[str] = None
@@ -134,15 +134,16 @@ class Args:
     """B / C, prompts per iteration"""
 
 
-# tuned on each embedded task (README, "Tuned defaults"); a value given on the command line wins
+# tuned on each embedded task by `python benchmarks/study.py --tune` (docs/study.md; scores in benchmarks/tuning.json);
+# a value given on the command line wins
 TASK_DEFAULTS = {
-    "bandit_r1": dict(num_iterations=100, learning_rate=1e-3),
-    "bandit_r2": dict(num_iterations=100, learning_rate=1e-2),
-    "min_length": dict(num_iterations=60, learning_rate=1e-4),
-    "mode_length": dict(num_iterations=60, learning_rate=1e-5),
-    "skew_length": dict(num_iterations=60, learning_rate=1e-4),
+    "bandit_r1": dict(num_iterations=100, learning_rate=3e-2),
+    "bandit_r2": dict(num_iterations=100, learning_rate=3e-2),
+    "min_length": dict(num_iterations=60, learning_rate=3e-3),
+    "mode_length": dict(num_iterations=60, learning_rate=3e-4),
+    "skew_length": dict(num_iterations=60, learning_rate=1e-3),
 }
-OFFLINE_LEARNING_RATES = dict(bandit_r1=3e-4, bandit_r2=1e-4, min_length=1e-3, mode_length=3e-4, skew_length=1e-3)  # with --offline
+OFFLINE_LEARNING_RATES = dict(bandit_r1=1e-2, bandit_r2=3e-3, min_length=3e-4, mode_length=3e-4, skew_length=3e-4)  # with --offline
 
 
 def rwr_loss(policy_logps, lengths, rewards, tau, max_weight):

@@ -11,7 +11,7 @@ tasks/bandit.py); this file is also a standalone script for your own model and d
     torchrun --nproc-per-node 8 algos/sft.py --model EleutherAI/pythia-1.4b \
         --dataset tatsu-lab/alpaca_farm:alpaca_instructions@sft --response-column output --cuda --bf16 --fsdp
 
-Under torchrun (README "Scaling") --minibatch-size stays global: every rank draws the same order and trains on its
+Under torchrun (docs/scaling.md) --minibatch-size stays global: every rank draws the same order and trains on its
 `shard` of each minibatch (DDP, or FSDP2 with --fsdp), so N processes take the same steps as one, up to float reduction
 order; rank 0 alone prints and writes the output directory: args.json, metrics.jsonl (a row per step), metrics.json (the
 NLL per epoch) and model/, a checkpoint saved every --save-every steps and at the end (common.save_checkpoint: the model,
@@ -47,7 +47,7 @@ class Args:
     cuda: bool = False
     """train on CUDA"""
     fsdp: bool = False
-    """under torchrun: shard the model with FSDP2 (fully_shard) instead of DDP (README "Scaling")"""
+    """under torchrun: shard the model with FSDP2 (fully_shard) instead of DDP (docs/scaling.md)"""
     bf16: bool = False
     """forward passes under bf16 autocast (fp32 weights and Adam state); for CUDA"""
     resume: Optional[str] = None

@@ -43,7 +43,7 @@ def inputs(local_pythia, tmp_path_factory):
     (saved / "model").mkdir(parents=True)
     (saved / "model" / "training_state.pt").write_bytes(b"")
     (saved / "args.json").write_text(json.dumps(dict(vars(load_script("dpo").Args()), task="min_length", num_iterations=10,
-                                                     learning_rate=1e-3, num_minibatches=4)))
+                                                     learning_rate=1e-3, batch_size=64, num_minibatches=4)))
     return d
 
 
