@@ -9,14 +9,14 @@
 - `generate`: batched temperature sampling with a KV cache; returns the sampling log-probs too.
   Finished rows leave the batch; `compile=True` gives a static cache and a compiled decode step.
 - `response_mask`, `pad_rows`, `exact_div`, `disable_dropout`, `user_errors`: small helpers every script needs.
-- Past one device (the last section; README "Scaling"): `start_run` (torchrun process group, rank 0 owns runs/),
+- Past one device (the last section; docs/scaling.md): `start_run` (torchrun process group, rank 0 owns runs/),
   `wrap` (DDP or FSDP2, bf16 autocast), `shard` (this rank's part of a global minibatch and its loss factor),
   `all_reduce_mean` (training statistics), `save_checkpoint` / `open_metrics` / `resume` (atomic checkpoints, --resume).
   B and M stay global: every rank holds the global batch, drawn by the same generators as one process; `generate` and
   no-grad `response_logprobs` of a wrapped model split its rows over ranks (uniforms drawn for the whole batch, decode
   steps in lockstep) and gather the results, so a run on N processes samples what one process samples.
 
-No compute on padding, measured on min_length (README "Benchmarks"): packed rows (several sequences per
+No compute on padding, measured on min_length (docs/benchmarks.md): packed rows (several sequences per
 row, position ids restarting, a block-diagonal mask) ran as fast as length groups on CPU, but need a
 dense [W, W] mask per packed row here (CUDA's varlen kernels avoid that) and rely on the model's mask
 code detecting them; length groups work with any model and keep SDPA's causal fast path.
@@ -24,7 +24,7 @@ code detecting them; length groups work with any model and keep SDPA's causal fa
 Why a hand-written autograd Function rather than torch 2.13's `F.linear_cross_entropy`: the built-in
 cannot divide by a sampling temperature inside its chunks, does not accumulate bf16 inputs in fp32,
 and `benchmarks/logprobs.py` measures this Function as fast as the built-in with its best chunk size
-and faster than it with its default options, at the same memory (table in the README).
+and faster than it with its default options, at the same memory (table in docs/benchmarks.md).
 """
 
 import contextlib
@@ -43,7 +43,7 @@ import torch.distributed as dist  # (imported by torch already)
 
 
 def _chunk_rows(device: torch.device) -> int:
-    # CPU: 256 rows was fastest at V=8192 and V=32000 (64..2048 swept, README); CUDA: untuned guess
+    # CPU: 256 rows was fastest at V=8192 and V=32000 (64..2048 swept, docs/benchmarks.md); CUDA: untuned guess
     return 1024 if device.type == "cuda" else 256
 
 
@@ -169,7 +169,7 @@ def length_buckets(lengths, overhead: int):
 
 def _bucket_overhead(device: torch.device) -> int:
     # one more forward(+backward) costs about this many tokens of work (CPU: 64-128 measured equally fast,
-    # 512 slower; README "No compute on padding"); CUDA: an unmeasured guess, kernel launches cost more there
+    # 512 slower; docs/benchmarks.md); CUDA: an unmeasured guess, kernel launches cost more there
     return 1024 if device.type == "cuda" else 128
 
 
@@ -326,7 +326,7 @@ def generate(model, queries, pad_token_id: int, eos_token_id: int | None, max_ne
     token by inverse CDF: the tokens depend only on the generator and the model's logits, not on the batching below.
     - Default (eager): equal consecutive rows (a prompt repeated for its C completions) are prefilled once; the KV cache
       lives in preallocated slabs (`_slab_layer`); finished rows leave the batch once they are COMPACT_AT of it.
-    - compile=True (for CUDA; on CPU slower at batch 64 and a minute to compile, README "Benchmarks"): a StaticCache and
+    - compile=True (for CUDA; on CPU slower at batch 64 and a minute to compile, docs/benchmarks.md): a StaticCache and
       a compiled decode step (CUDA graphs on a GPU), the batch kept whole so that shapes stay static; the query width is
       rounded up to a multiple of 32 so that a run compiles for a few shapes only. Worth it for long runs.
     """
@@ -430,7 +430,7 @@ def disable_dropout(model):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Past one device (README "Scaling"): torchrun, DDP or FSDP2, bf16 autocast, atomic checkpoints and --resume.
+# Past one device (docs/scaling.md): torchrun, DDP or FSDP2, bf16 autocast, atomic checkpoints and --resume.
 # Every rank holds the GLOBAL batch (drawn by the same generators as one process); `generate` and scoring passes split
 # its rows over ranks and gather the results, and each gradient step trains on this rank's `shard` of the minibatch.
 # ---------------------------------------------------------------------------------------------------------------------

@@ -248,7 +248,7 @@ def main():
         raise SystemExit("benchmarks/vs_trl.py needs TRL, which cleanpref does not depend on: pip install -r requirements.txt "
                          "(the pinned torch first), then pip install trl==1.16.0") from None
     if trl.__version__ != "1.16.0":
-        print(f"note: TRL {trl.__version__} (the README's table was measured with 1.16.0)")
+        print(f"note: TRL {trl.__version__} (docs/benchmarks.md's table was measured with 1.16.0)")
     from tasks import make_task
 
     make_task(TASK)  # build the task's artifacts once, before any timing

@@ -36,11 +36,8 @@ proxy reward model scored the empty response below a one-sentence story and onli
 (gold -6.4 at 60 iterations, 3 of 3 seeds); an opening phrase ("once upon a time .", 0.01%) stalled it at the opening.
 Measured (seed 0, CPU): pi_ref length mode 18, mean 24.1 +- 12.0 tokens, EOS rate 0.993; ref_peak_share 0.00092 on
 min_length and skew_length (counted on 32,768 fresh samples: 25, 0.00076), 0.091 on mode_length (99x); proxy reward
-models' held-out accuracy 0.995 / 0.984 / 0.994 (min / mode / skew). online_dpo at its defaults, gold at iterations
-0 / 10 / 20 / 60 (seed 1): min_length -22.9 / -7.2 / -1.9 / -1.2 (seeds 2, 3: -1.1), skew_length -22.9 / -17.8 / -6.2 /
--4.3 (-1.8 at 30), mode_length -8.3 / -5.0 / -2.9 / -1.6. Build on a 2-core CPU, side by side with v3: the world 44 s
-(v3 31 s), a task ~12 s; `online_dpo.py --task skew_length` from a fresh cache 79 s (v3 59 s), 7 s of it because the
-policy takes ~20 iterations, not ~10, to get short.
+models' held-out accuracy 0.995 / 0.984 / 0.994 (min / mode / skew). Build on a 2-core CPU:
+the world 44 s (v3 31 s), a task ~12 s. How every objective does on this build: docs/study.md.
 
 The study's version (Pythia SFT on AlpacaFarm prompts) runs through the same pipeline:
 --model makes pi_ref a Hugging Face causal LM (loaded in fp32, a dedicated pad token added if it has
