@@ -102,7 +102,8 @@ def test_sft_and_reward_model_scripts_train_a_local_model(local_pythia, tmp_path
 def test_online_dpo_learns_skew_length(tmp_path):
     _, rows = train("online_dpo", tmp_path, "skew_length", "--num-iterations", "20")
     evals = [r for r in rows if "eval/gold_reward" in r]
-    # measured: -30.3 at iteration 0, about -0.4 after 20 iterations; a broken loss stays near -30 or gets longer
+    # measured (seed 1, the tuned defaults): -22.9 at iteration 0, -1.0 after 20 iterations; a broken loss stays near -23 or
+    # gets longer
     assert evals[0]["eval/gold_reward"] < -20 and evals[-1]["eval/gold_reward"] > -8
     assert evals[-1]["eval/eos_rate"] > 0.95
 
@@ -110,7 +111,7 @@ def test_online_dpo_learns_skew_length(tmp_path):
 def test_dpo_learns_bandit_r2(tmp_path):
     _, rows = train("dpo", tmp_path, "bandit_r2", "--num-iterations", "30")
     evals = [r for r in rows if "eval/gold_reward" in r]
-    # measured: 0.36 at iteration 0, about 0.85 after 30 iterations
+    # measured (seed 1, the tuned defaults): 0.36 at iteration 0, 0.98 after 30 iterations, accuracy 0.97
     assert evals[-1]["eval/gold_reward"] > evals[0]["eval/gold_reward"] + 0.3
     assert rows[-1]["rewards/accuracies"] > 0.9
 

@@ -168,8 +168,8 @@ def test_best_of_n_on_policy_beats_offline_on_bandit_r1(tmp_path):
 
 
 def test_rwr_learns_min_length(tmp_path):
-    # measured (seed 1, lr 1e-4, the tuned default; length RECIPE v3): -29.6 at iteration 0 (EOS rate 0.93), -0.72 after 10 (EOS 1.0)
-    _, rows = train("rwr", tmp_path, "min_length", "--learning-rate", "1e-4", "--num-iterations", "10")
+    # measured (seed 1, the tuned default lr 3e-3; length world v4): -22.9 at iteration 0, -0.04 after 10 (EOS 1.0)
+    _, rows = train("rwr", tmp_path, "min_length", "--num-iterations", "10")
     evals = [r for r in rows if "eval/gold_reward" in r]
     assert evals[0]["eval/gold_reward"] < -20 and evals[-1]["eval/gold_reward"] > -5 and evals[-1]["eval/eos_rate"] > 0.95, evals
 

@@ -244,16 +244,16 @@ def test_all_tied_batches_are_logged_skips(tmp_path, monkeypatch):
         assert {k: v for k, v in rows[2].items() if k.startswith("eval/")} == {k: v for k, v in rows[0].items() if k.startswith("eval/")}
 
 
-# measured (seed 1, 2-core CPU, TASK_DEFAULTS learning rates): eval/gold_reward at iteration 0 -> at the end of the run.
-# pi_ref scores 0.036 on bandit_r1 and -28.9 on min_length; a loss with the wrong sign or a wrong mask moves away from
+# measured (seed 1, 2-core CPU, the tuned TASK_DEFAULTS): eval/gold_reward at iteration 0 -> at the end of the run.
+# pi_ref scores 0.036 on bandit_r1 and -22.9 on min_length; a loss with the wrong sign or a wrong mask moves away from
 # the peak (bandit: towards token 16, reward ~0; min_length: longer answers) or not at all.
 LEARNING = [
-    ("reinforce", "bandit_r1", 40, 0.8),  # 0.036 -> 1.00 (KL 52)
-    ("grpo", "bandit_r1", 40, 0.6),  # 0.036 -> 0.88 (KL 36)
-    ("ppo", "bandit_r1", 40, 0.35),  # 0.036 -> 0.52 (KL 13); the KL penalty caps it near 0.76 (docstring)
-    ("reinforce", "min_length", 20, -5.0),  # -28.9 -> -0.03
-    ("grpo", "min_length", 20, -12.0),  # -28.9 -> -5.1 (C = 2: A is only the sign of the reward gap)
-    ("ppo", "min_length", 20, -5.0),  # -28.9 -> -0.09
+    ("reinforce", "bandit_r1", 40, 0.8),  # 0.036 -> 0.994 (KL 52)
+    ("grpo", "bandit_r1", 40, 0.8),  # 0.036 -> 0.999 (KL 52)
+    ("ppo", "bandit_r1", 40, 0.8),  # 0.036 -> 0.961 (KL 35): the per-token KL penalty holds it below the pure peak's KL
+    ("reinforce", "min_length", 20, -5.0),  # -22.9 -> -0.016
+    ("grpo", "min_length", 20, -8.0),  # -22.9 -> -2.1
+    ("ppo", "min_length", 20, -5.0),  # -22.9 -> 0.000
 ]
 
 
@@ -267,12 +267,11 @@ def test_learns(script, task, iterations, threshold, tmp_path):
 
 
 def test_ppo_tolerates_sample_reuse_on_bandit_r1(tmp_path):
-    """Claim 6: PPO with T = 4 passes over each batch does not collapse; it learns faster per sample than T = 1.
-
-    Measured at 40 iterations, seeds 1/2/3: T = 1 0.52/0.46/0.49, T = 4 0.71/0.75/0.74 (T = 8 0.74 each); at 100
-    iterations every T ends at 0.65-0.72 (KL 17-20), the KL-regularised optimum's neighbourhood (0.76)."""
+    """Claim 6: PPO with T = 4 passes over each batch does not collapse, and its KL penalty still holds it below the
+    KL of the pure peak (52, where REINFORCE ends). Measured at 40 iterations, seed 1, the tuned defaults (lr 1e-2,
+    init_kl_coef 0.0063): T = 4 gold 0.964 at KL 37.1 (T = 1: 0.961 at KL 34.8)."""
     _, rows = train("ppo", tmp_path, "bandit_r1", "--num-iterations", "40", "--eval-every", "40", "--update-epochs", "4")
-    assert rows[-1]["eval/gold_reward"] > 0.6 and rows[-1]["eval/kl_ref"] < 30, rows[-1]
+    assert rows[-1]["eval/gold_reward"] > 0.8 and rows[-1]["eval/kl_ref"] < 45, rows[-1]
     assert max(r["train/clipfrac"] for r in rows[1:]) > 0  # the clip is active once batches are reused
 
 
