@@ -300,3 +300,11 @@ def test_quick_study_runs_its_pipeline_end_to_end_and_resumes(study, tmp_path, m
     assert study.validate_report(json.loads((tmp_path / "out" / "report.json").read_text())) == []
     monkeypatch.setattr(study.Launcher, "execute", lambda self, run: pytest.fail(f"{run.key} ran again"))
     assert [s["checks"] for s in study.main(args)] == [s["checks"] for s in summary]  # resumed: nothing rerun, the same result
+
+
+def test_the_committed_report_passes_its_schema_and_covers_every_claim(study):
+    """benchmarks/figures/report.json, from the final study run (issue 19): its verdicts follow from its checks."""
+    report = json.loads((ROOT / "benchmarks" / "figures" / "report.json").read_text())
+    assert study.validate_report(report) == []
+    assert sorted(report["claims"], key=int) == [str(n) for n in range(1, 10)] and report["seeds"] == [1, 2, 3, 4, 5]
+    assert not set(report["seeds"]) & set(report["tuning_seeds"])  # tuned on seeds it does not report
