@@ -16,15 +16,8 @@
   no-grad `response_logprobs` of a wrapped model split its rows over ranks (uniforms drawn for the whole batch, decode
   steps in lockstep) and gather the results, so a run on N processes samples what one process samples.
 
-No compute on padding, measured on min_length (docs/benchmarks.md): packed rows (several sequences per
-row, position ids restarting, a block-diagonal mask) ran as fast as length groups on CPU, but need a
-dense [W, W] mask per packed row here (CUDA's varlen kernels avoid that) and rely on the model's mask
-code detecting them; length groups work with any model and keep SDPA's causal fast path.
-
-Why a hand-written autograd Function rather than torch 2.13's `F.linear_cross_entropy`: the built-in
-cannot divide by a sampling temperature inside its chunks, does not accumulate bf16 inputs in fp32,
-and `benchmarks/logprobs.py` measures this Function as fast as the built-in with its best chunk size
-and faster than it with its default options, at the same memory (table in docs/benchmarks.md).
+Choices measured in docs/benchmarks.md: length groups, not packed rows, to skip padding (any model, SDPA's causal
+path); a hand-written Function, not `F.linear_cross_entropy` (temperature and pad ban inside chunks, fp32 accumulation).
 """
 
 import contextlib
@@ -515,6 +508,13 @@ def user_errors():
         raise
 
 
+def _leave():
+    """At exit under torchrun: a barrier, its handle kept (a gloo thread freeing a work during interpreter teardown aborts)."""
+    _leave.work = dist.barrier(async_op=True)
+    _leave.work.wait()
+    dist.destroy_process_group()
+
+
 def start_run(args, run_name: str):
     """The set-up every script shares, before anything is written. Returns (run_name, run_dir).
 
@@ -550,7 +550,7 @@ def start_run(args, run_name: str):
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if cuda else "gloo")
-        atexit.register(dist.destroy_process_group)
+        atexit.register(_leave)
         holder = [run_name]
         dist.broadcast_object_list(holder, src=0)
         run_name = holder[0]
