@@ -1010,7 +1010,8 @@ def run_claims(args: Args, out: Path, figures: Path):
     report = {"seeds": seeds, "tuning_seeds": tuning["tuning_seeds"] if tuning else [], "wall_s": round(wall, 1), "workers": args.workers,
               "claims": report}
     assert not validate_report(report), validate_report(report)
-    source = f"budgets, rates and KL strengths from {tuning['path']} (tuning seeds {tuning['tuning_seeds']})" if tuning else \
+    shown = tuning and (Path(tuning["path"]).resolve().relative_to(ROOT) if Path(tuning["path"]).resolve().is_relative_to(ROOT) else tuning["path"])
+    source = f"budgets, rates and KL strengths from {shown} (tuning seeds {tuning['tuning_seeds']})" if tuning else \
         "no tuning file: budgets a quarter of the full length, the scripts' default rates (--quick)"
     if tuning and set(seeds) & set(tuning["tuning_seeds"]):
         source += f"; WARNING: seeds {sorted(set(seeds) & set(tuning['tuning_seeds']))} were also tuned on"

@@ -51,7 +51,7 @@ def check_overrides(name, dataset, reward_model, gold_reward_model, max_prompt_l
     given = [f"--{k}" for k, v in [("dataset", dataset), ("reward-model", reward_model), ("gold-reward-model", gold_reward_model),
                                    ("max-prompt-length", max_prompt_length), ("max-length", max_length)] if v is not None]
     if given and name.startswith("bandit"):
-        raise SystemExit(f"{name} is a token bandit with its own true reward; {', '.join(given)} apply to the length tasks and to "
+        raise SystemExit(f"{name} is a token bandit with its own true reward; {', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to the length tasks and to "
                          f"the real tasks (ultrafeedback, alpaca_farm)")
     if (max_prompt_length is not None or max_length is not None) and dataset is None:
         raise SystemExit("--max-prompt-length and --max-length truncate the rows of --dataset on a length task: pass --dataset too")

@@ -79,7 +79,7 @@ def cases():
         ("ppo", "--init-kl-coef -1", "--init-kl-coef must be >= 0, got -1.0"),
         ("reinforce", "--kl-coef -1", "--kl-coef must be >= 0, got -1.0"),
         ("grpo", "--beta -1", "--beta must be >= 0 (the KL penalty's weight), got -1.0"),
-        ("dpo", "--task bandit_r1 --dataset {d}/pairs8.jsonl", "bandit_r1 is a token bandit with its own true reward"),
+        ("dpo", "--task bandit_r1 --dataset {d}/pairs8.jsonl", "bandit_r1 is a token bandit with its own true reward; --dataset applies to the length tasks"),
         ("dpo", "--task ultrafeedback", "--task ultrafeedback has no tuned defaults: pass --num-iterations and --learning-rate"),
         ("dpo", "--task ultrafeedback --num-iterations 2 --learning-rate 1e-5", "--task ultrafeedback needs --model"),
     ]

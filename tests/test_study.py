@@ -194,6 +194,7 @@ def test_claim_logic_on_hand_written_runs(study, tmp_path, monkeypatch, dpo_marg
     assert study.validate_report(report) == [] and report["seeds"] == [1, 2, 3, 4, 5] and report["tuning_seeds"] == [101, 102]
     assert report["claims"]["4"]["verdict"] == verdict and json.loads((tmp_path / "fig" / "report.json").read_text()) == report
     assert (tmp_path / "fig" / "claim4.png").stat().st_size > 10_000 and "## Claim 4: " + verdict in (tmp_path / "out" / "report.md").read_text()
+    assert f"KL strengths from {tmp_path / 'tuning.json'} (tuning seeds [101, 102])" in (tmp_path / "out" / "report.md").read_text()
 
 
 SPEED = {"online_dpo": 8.0, "online_ipo": 6.0, "best_of_n_neg": 5.0, "best_of_n": 4.0, "ppo": 3.0, "dpo": 2.0, "ipo": 2.0}
