@@ -13,8 +13,9 @@ Three workloads, each at batch 16 and 64, temperature 1, no top-k/top-p:
   per-token cost alone (finished rows cannot be dropped here).
 tokens/s counts the response tokens each call really produced (EOS included, pads after it not), so
 the two samplers are compared on the same distribution, not on identical draws. The calls are
-interleaved in one process, medians of --repeats rounds. The last column checks the helper's sampling
-log-probs against a teacher-forced recompute (`common.response_logprobs`).
+interleaved in one process, medians of --repeats rounds. "model forward share" is the part of the helper's
+time spent inside the model's forward calls (timed in a pass of its own): what no change to the sampler's loop removes.
+The last column checks the helper's sampling log-probs against a teacher-forced recompute (`common.response_logprobs`).
 """
 
 import argparse
@@ -53,8 +54,8 @@ def workloads(device, tiny=False):
 
 def sample_rates(model, q, pad, eos, new, repeats, compile=False, before=None):
     """Median tokens/s of `common.generate` ("helper"), `model.generate`, with compile `generate(compile=True)` and with
-    `before` (another checkout's generate) that one, calls interleaved (after one warm-up each, which compiles); and
-    max |sampling log-prob - teacher-forced recompute|."""
+    `before` (another checkout's generate) that one, calls interleaved (after one warm-up each, which compiles); max
+    |sampling log-prob - teacher-forced recompute|; and the share of the helper's time inside the model's forward."""
     cuda = q.device.type == "cuda"
     g = torch.Generator(q.device).manual_seed(0)
     fns = {"helper": lambda: generate(model, q, pad, eos, new, 1.0, g)[0],
@@ -82,7 +83,33 @@ def sample_rates(model, q, pad, eos, new, repeats, compile=False, before=None):
     r, lp = generate(model, q, pad, eos, new, 1.0, g)
     with torch.no_grad():
         scored, _ = response_logprobs(model, q, r, pad, eos)
-    return {k: statistics.median(v) for k, v in rate.items()}, (lp - scored).abs().max().item()
+    return {k: statistics.median(v) for k, v in rate.items()}, (lp - scored).abs().max().item(), forward_share(model, fns["helper"], repeats)
+
+
+def forward_share(model, fn, repeats):
+    """The share of `fn`'s time spent inside `model`'s forward calls: what a faster sampler loop could not remove. Timed
+    in a pass of its own (the hooks' clock reads stay out of the rates above)."""
+    sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
+    inside, entered = [0.0], [0.0]
+
+    def enter(*_):
+        sync()
+        entered[0] = time.perf_counter()
+
+    def leave(*_):
+        sync()
+        inside[0] += time.perf_counter() - entered[0]
+
+    hooks = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
+    sync()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    total = time.perf_counter() - t
+    for h in hooks:
+        h.remove()
+    return inside[0] / total
 
 
 def queries(prompts, batch, completions, pad, device):
@@ -109,16 +136,16 @@ def main():
 
         before = checkout(Path(a.baseline).resolve())[0].generate
     print(f"| workload | batch | {' | '.join(c + ' tok/s' for c in cols)} | helper / generate |"
-          + (" before / generate |" if a.baseline else "") + " max abs(sampling logp - recompute) |")
-    print("|---|---|" + "---|" * (len(cols) + 2 + bool(a.baseline)))
+          + (" before / generate |" if a.baseline else "") + " helper: model forward share | max abs(sampling logp - recompute) |")
+    print("|---|---|" + "---|" * (len(cols) + 3 + bool(a.baseline)))
     for name, model, prompts, pad, eos, new, c in workloads(device):
         for b in a.batch_sizes:
-            med, err = sample_rates(model, queries(prompts, b, c, pad, device), pad, eos, new, a.repeats, a.compile,
+            med, err, share = sample_rates(model, queries(prompts, b, c, pad, device), pad, eos, new, a.repeats, a.compile,
                                     before if a.baseline else None)
             ratios = f"{med['helper'] / med['model.generate']:.2f}x" + (f" | {med['helper before'] / med['model.generate']:.2f}x" if a.baseline else "")
-            print(f"| {name} | {b} | {' | '.join(f'{med[c]:.0f}' for c in cols)} | {ratios} | {err:.1e} |", flush=True)
+            print(f"| {name} | {b} | {' | '.join(f'{med[c]:.0f}' for c in cols)} | {ratios} | {share:.0%} | {err:.1e} |", flush=True)
     print(f"\nreproduce: OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/generate.py" + (" --cuda" if a.cuda else "")
-          + (" --compile" if a.compile else "") + (f" --baseline {a.baseline}" if a.baseline else ""))
+          + (" --compile" if a.compile else "") + (f" --baseline {a.baseline}" if a.baseline else "") + (f" --repeats {a.repeats}" if a.repeats != 7 else ""))
 
 
 if __name__ == "__main__":

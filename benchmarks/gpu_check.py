@@ -17,7 +17,7 @@ Parts (each a few rows of the table; a part that fails prints its error in its r
   (random weights, no download), fp32 and bf16 autocast (`common.wrap`, as --bf16 does).
 
 `--tiny` runs the same code paths at toy sizes (CUDA or CPU) so that a change can be checked without a GPU;
-tests/test_gpu_check.py runs it on CPU.
+tests/test_benchmarks.py runs it on CPU.
 """
 
 import argparse
@@ -146,7 +146,7 @@ def part_generate(a, out):
         if c > 1:
             continue
         compile = a.device == "cuda" and name.startswith("min_length")  # one compile (~1 min); on CPU it takes a minute too
-        rates, err = sample_rates(model, queries(prompts, batch, c, pad, a.device), pad, eos, new, a.repeats, compile)
+        rates, err, _ = sample_rates(model, queries(prompts, batch, c, pad, a.device), pad, eos, new, a.repeats, compile)
         hf = rates["model.generate"]
         out.add("generate", f"{name}, batch {batch}: model.generate", f"{hf:.0f} tok/s")
         out.add("generate", f"{name}, batch {batch}: common.generate", f"{rates['helper']:.0f} tok/s",

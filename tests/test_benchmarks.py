@@ -1,4 +1,5 @@
-"""benchmarks/gpu_check.py on a CPU: its arguments, its table, the one-line refusal without CUDA, and a dry run of its parts."""
+"""benchmarks/ on a CPU: gpu_check.py (its arguments, its table, the one-line refusal without CUDA, a dry run of its
+parts) and decode_step.py (its written-out decode step equals the model's forward)."""
 
 import importlib.util
 import os
@@ -9,11 +10,15 @@ import pytest
 from conftest import ROOT
 
 
-def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+def benchmark(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def gpu_check():
+    return benchmark("gpu_check")
 
 
 def test_arguments_and_table():
@@ -51,3 +56,12 @@ def test_dry_run_of_the_parts_on_cpu(capsys, monkeypatch):
     assert parts.count("logprobs") == 12 and parts.count("generate") == 2 and parts.count("llama100m") == 4 and parts.count("main job") == 2
     assert not any("failed" in r or "FAILED" in r for r in rows)
     assert any("--bf16" in r and "final gold" in r for r in rows)
+
+
+def test_decode_step_written_out_equals_the_forward(capsys):
+    """The written-out Llama decode step that docs/benchmarks.md measures computes the eager forward's logits, bitwise, and
+    its table has every row (the compiled variant is left out: a minute of inductor)."""
+    benchmark("decode_step").main(["--batch", "8", "--steps", "3", "--rounds", "1"])
+    rows = {r.split(" | ")[0][2:]: r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and not r.startswith("| step ")}
+    assert list(rows) == ["eager forward", "written out", "matmuls alone", "attention alone"]
+    assert rows["written out"].endswith("| bitwise equal |") and rows["eager forward"].endswith("| 1.00x | bitwise equal |")
