@@ -145,7 +145,8 @@ def main():
             ratios = f"{med['helper'] / med['model.generate']:.2f}x" + (f" | {med['helper before'] / med['model.generate']:.2f}x" if a.baseline else "")
             print(f"| {name} | {b} | {' | '.join(f'{med[c]:.0f}' for c in cols)} | {ratios} | {share:.0%} | {err:.1e} |", flush=True)
     print(f"\nreproduce: OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/generate.py" + (" --cuda" if a.cuda else "")
-          + (" --compile" if a.compile else "") + (f" --baseline {a.baseline}" if a.baseline else "") + (f" --repeats {a.repeats}" if a.repeats != 7 else ""))
+          + (" --compile" if a.compile else "") + (f" --baseline {a.baseline}" if a.baseline else "") + (f" --repeats {a.repeats}" if a.repeats != 7 else "")
+          + (f" --batch-sizes {' '.join(map(str, a.batch_sizes))}" if a.batch_sizes != [16, 64] else ""))
 
 
 if __name__ == "__main__":
