@@ -19,9 +19,9 @@ SMOKE_TASKS = ["bandit_r1", "min_length"]  # every script runs on these; one scr
 EVAL_KEYS = {"eval/gold_reward", "eval/proxy_reward", "eval/response_length", "eval/eos_rate", "eval/kl_ref"}
 
 
-def load_script(name):
-    """Import algos/{name}.py as a module (importing has no side effects: main() runs only as a script)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "algos" / f"{name}.py")
+def load_script(name, folder="algos"):
+    """Import {folder}/{name}.py (algos/ or benchmarks/) as a module (no side effects: main() runs only as a script)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

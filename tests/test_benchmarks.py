@@ -1,24 +1,16 @@
 """benchmarks/ on a CPU: gpu_check.py (its arguments, its table, the one-line refusal without CUDA, a dry run of its
 parts) and decode_step.py (its written-out decode step equals the model's forward)."""
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
-
-
-def benchmark(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import ROOT, load_script
 
 
 def gpu_check():
-    return benchmark("gpu_check")
+    return load_script("gpu_check", "benchmarks")
 
 
 def test_arguments_and_table():
@@ -61,7 +53,7 @@ def test_dry_run_of_the_parts_on_cpu(capsys, monkeypatch):
 def test_decode_step_written_out_equals_the_forward(capsys):
     """The written-out Llama decode step that docs/benchmarks.md measures computes the eager forward's logits, bitwise, and
     its table has every row (the compiled variant is left out: a minute of inductor)."""
-    benchmark("decode_step").main(["--batch", "8", "--steps", "3", "--rounds", "1"])
+    load_script("decode_step", "benchmarks").main(["--batch", "8", "--steps", "3", "--rounds", "1"])
     rows = {r.split(" | ")[0][2:]: r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and not r.startswith("| step ")}
     assert list(rows) == ["eager forward", "written out", "matmuls alone", "attention alone"]
     assert rows["written out"].endswith("| bitwise equal |") and rows["eager forward"].endswith("| 1.00x | bitwise equal |")

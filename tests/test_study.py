@@ -1,24 +1,16 @@
 """benchmarks/: the mode-seeking toy (claim 8), and the study's metrics, budget rule, verdicts, tuning and pipeline."""
 
-import importlib.util
 import json
 import math
 import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, train
-
-
-def load_benchmark(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import ROOT, load_script, train
 
 
 def test_mode_seeking_reverse_kl_concentrates_faster_but_starts_slowly_from_zero():
-    ms = load_benchmark("mode_seeking")
+    ms = load_script("mode_seeking", "benchmarks")
     p = ms.target_distribution()
     assert abs(p.sum() - 1) < 1e-12 and p[ms.WINDOW[0] : ms.WINDOW[1] + 1].sum() > 0.75  # the target mode holds ~0.77
     near_zero, some_mass = ms.starts().values()
@@ -37,7 +29,7 @@ def test_mode_seeking_reverse_kl_concentrates_faster_but_starts_slowly_from_zero
 
 @pytest.fixture(scope="module")
 def study():
-    return load_benchmark("study")
+    return load_script("study", "benchmarks")
 
 
 # ------------------------------------------------------------------------------ metrics on hand-made curves
@@ -225,7 +217,7 @@ def test_every_claim_judges_and_plots_hand_written_runs(study, tmp_path, monkeyp
     runs_of = study.plan(list(study.claims().values()), [1, 2, 3], study.budgets_for(study.TASKS, tuning, False, None), tuning)
     for run in {r for rs in runs_of.values() for r in rs}:
         if run.arm.script == "mode_seeking":
-            ms = load_benchmark("mode_seeking")
+            ms = load_script("mode_seeking", "benchmarks")
             (tmp_path / "out" / run.key).mkdir(parents=True)
             (tmp_path / "out" / run.key / "result.json").write_text(json.dumps(ms.run(ms.Args(figure=None))))
             (tmp_path / "out" / run.key / "done.json").write_text("{}")
