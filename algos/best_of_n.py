@@ -141,6 +141,13 @@ TASK_DEFAULTS = {
 }
 OFFLINE_LEARNING_RATES = dict(bandit_r1=3e-2, bandit_r2=3e-2, min_length=1e-3, mode_length=1e-3, skew_length=1e-3)  # with --offline
 
+# how benchmarks/study.py and the tests run this script (docs/fork.md): a fork edits these three lines, nothing elsewhere
+STUDY = dict(
+    responses_per_row=lambda args: 1,  # what `samples` counts per row of B: each of the B completions
+    variants=["offline"],  # switches that make a method of their own, tuned and reported on their own
+    knob=None,  # a strength the tuning sweeps beside the rate: (Args field, its untuned value), or None
+)
+
 
 def best_of_n_loss(policy_logps, lengths):
     """Per-prompt token-mean NLL of the best completion: [P] summed log-probs, [P] token counts -> [P]."""

@@ -140,6 +140,13 @@ TASK_DEFAULTS = {
     "skew_length": dict(num_iterations=60, learning_rate=1e-3, beta=0.04),
 }
 
+# how benchmarks/study.py and the tests run this script (docs/fork.md): a fork edits these three lines, nothing elsewhere
+STUDY = dict(
+    responses_per_row=lambda args: 1,  # what `samples` counts per row of B: each of the B completions
+    variants=[],  # switches that make a method of their own, tuned and reported on their own
+    knob=("beta", 0.04),  # a strength the tuning sweeps beside the rate: (Args field, its untuned value), or None
+)
+
 
 def grpo_loss(new_logps, old_logps, ref_logps, advantages, mask, clip, beta, loss_type, max_tokens=None):
     """GRPO loss from per-token log-probs [N, L] (mask [N, L], True on response tokens) and advantages [N].

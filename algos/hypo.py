@@ -143,6 +143,13 @@ TASK_DEFAULTS = {
     "skew_length": dict(num_iterations=60, learning_rate=1e-2, kl_coef=0.0095),
 }
 
+# how benchmarks/study.py and the tests run this script (docs/fork.md): a fork edits these three lines, nothing elsewhere
+STUDY = dict(
+    responses_per_row=lambda args: 2 + args.num_online_samples,  # what `samples` counts per row of B: a preference pair, and k online samples of its prompt
+    variants=[],  # switches that make a method of their own, tuned and reported on their own
+    knob=("kl_coef", 0.03),  # a strength the tuning sweeps beside the rate: (Args field, its untuned value), or None
+)
+
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
     """Per-pair DPO losses from sequence log-probs, all [P]. Returns (losses, chosen_rewards, rejected_rewards), [P] each.

@@ -138,6 +138,13 @@ TASK_DEFAULTS = {
     "skew_length": dict(num_iterations=60, learning_rate=3e-3),
 }
 
+# how benchmarks/study.py and the tests run this script (docs/fork.md): a fork edits these three lines, nothing elsewhere
+STUDY = dict(
+    responses_per_row=lambda args: 1,  # what `samples` counts per row of B: each of the B completions
+    variants=[],  # switches that make a method of their own, tuned and reported on their own
+    knob=None,  # a strength the tuning sweeps beside the rate: (Args field, its untuned value), or None
+)
+
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
     """Per-pair DPO losses from sequence log-probs, all [P]. Returns (losses, chosen_rewards, rejected_rewards), [P] each.

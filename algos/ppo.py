@@ -161,6 +161,13 @@ TASK_DEFAULTS = {
     "skew_length": dict(num_iterations=60, learning_rate=1e-3, init_kl_coef=0.063),
 }
 
+# how benchmarks/study.py and the tests run this script (docs/fork.md): a fork edits these three lines, nothing elsewhere
+STUDY = dict(
+    responses_per_row=lambda args: 1,  # what `samples` counts per row of B: each of the B completions
+    variants=[],  # switches that make a method of their own, tuned and reported on their own
+    knob=("init_kl_coef", 0.02),  # a strength the tuning sweeps beside the rate: (Args field, its untuned value), or None
+)
+
 
 def masked_mean(x, mask):
     """Mean of x over the True entries of mask (same shape); 0 when there are none."""

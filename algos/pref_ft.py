@@ -127,6 +127,13 @@ TASK_DEFAULTS = {
     "skew_length": dict(num_iterations=60, learning_rate=3e-3),
 }
 
+# how benchmarks/study.py and the tests run this script (docs/fork.md): a fork edits these three lines, nothing elsewhere
+STUDY = dict(
+    responses_per_row=lambda args: 2,  # what `samples` counts per row of B: a preference pair is two responses
+    variants=[],  # switches that make a method of their own, tuned and reported on their own
+    knob=None,  # a strength the tuning sweeps beside the rate: (Args field, its untuned value), or None
+)
+
 
 def pref_ft_loss(policy_chosen_logps, chosen_lengths):
     """Per-pair token-mean NLL of the chosen response: [P] summed log-probs, [P] token counts -> [P]."""

@@ -135,6 +135,13 @@ TASK_DEFAULTS = {
     "skew_length": dict(num_iterations=60, learning_rate=1e-3),
 }
 
+# how benchmarks/study.py and the tests run this script (docs/fork.md): a fork edits these three lines, nothing elsewhere
+STUDY = dict(
+    responses_per_row=lambda args: 1,  # what `samples` counts per row of B: each of the B completions
+    variants=[],  # switches that make a method of their own, tuned and reported on their own
+    knob=None,  # a strength the tuning sweeps beside the rate: (Args field, its untuned value), or None
+)
+
 
 def reinforce_loss(policy_logps, advantages):
     """Per-sample REINFORCE losses -A * log pi(y|x) from sequence log-probs [B] and advantages [B] -> [B].

@@ -145,6 +145,13 @@ TASK_DEFAULTS = {
 }
 OFFLINE_LEARNING_RATES = dict(bandit_r1=1e-2, bandit_r2=3e-3, min_length=3e-4, mode_length=3e-4, skew_length=3e-4)  # with --offline
 
+# how benchmarks/study.py and the tests run this script (docs/fork.md): a fork edits these three lines, nothing elsewhere
+STUDY = dict(
+    responses_per_row=lambda args: 1,  # what `samples` counts per row of B: each of the B completions
+    variants=["offline"],  # switches that make a method of their own, tuned and reported on their own
+    knob=None,  # a strength the tuning sweeps beside the rate: (Args field, its untuned value), or None
+)
+
 
 def rwr_loss(policy_logps, lengths, rewards, tau, max_weight):
     """Per-sample weighted token-mean NLL, all inputs one shape -> (losses, weights = clip(exp(rewards / tau), 0, max_weight))."""

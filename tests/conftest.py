@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -56,7 +57,9 @@ def smoke(script, task, cwd, train_keys, *args):
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert all({"iteration", "samples", "time_s"} | EVAL_KEYS <= set(r) for r in rows)
     assert {"train/loss", "train/grad_norm"} | set(train_keys) <= set(rows[-1]), sorted(rows[-1])
-    assert rows[-1]["samples"] == 16 * {"pref_ft": 2, "dpo": 2, "ipo": 2, "hypo": 4}.get(script, 1)  # responses: a pair is 2, HyPO adds k = 2
+    per_row = load_script(script).STUDY["responses_per_row"](SimpleNamespace(**args))  # the script's own declaration (docs/fork.md)
+    assert per_row == {"pref_ft": 2, "dpo": 2, "ipo": 2, "hypo": 4}.get(script, per_row)  # the paper's scripts: a pair is 2, HyPO adds k = 2
+    assert rows[-1]["samples"] == 16 * per_row  # responses counted as the script declares them
     assert all(math.isfinite(v) for r in rows for v in r.values())
     assert rows[0]["eval/kl_ref"] == pytest.approx(0.0, abs=1e-4)  # the policy starts at pi_ref
     assert (next((cwd / "runs").iterdir()) / "model" / "config.json").exists()
