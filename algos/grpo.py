@@ -95,7 +95,7 @@ class Args:
 
     # Algorithm 1 (docs/paper.md section 2)
     num_iterations: Optional[int] = None
-    """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
+    """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS at the top of --help"""
     batch_size: int = 64
     """B, samples (completions) per iteration"""
     num_completions: int = 4
@@ -105,7 +105,7 @@ class Args:
     update_epochs: int = 1
     """T, passes over each batch (sample reuse)"""
     learning_rate: Optional[float] = None
-    """Adam learning rate; default per task, see TASK_DEFAULTS"""
+    """Adam learning rate; default per task, see TASK_DEFAULTS at the top of --help"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
 
@@ -204,11 +204,6 @@ def main(args: Args):
         raise SystemExit(f"--missing-eos-penalty must be >= 0 (0 turns it off), got {args.missing_eos_penalty}")
     if not args.beta >= 0:
         raise SystemExit(f"--beta must be >= 0 (the KL penalty's weight), got {args.beta}")
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, save_code=True)
-    print(f"run {run_name}: {json.dumps(asdict(args))}")
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -222,6 +217,11 @@ def main(args: Args):
 
     task = make_task(args.task, device, args.model, args.prompts, args.dataset, args.reward_model, args.gold_reward_model,
                      args.max_prompt_length, args.max_length)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, save_code=True)
+    print(f"run {run_name}: {json.dumps(asdict(args))}")
     policy = task.load_policy()
     ref_policy = task.load_policy().requires_grad_(False)  # frozen pi_ref
     policy, ref_policy = wrap(policy, args), wrap(ref_policy, args)  # under torchrun: DDP (or FSDP2); --bf16: autocast
@@ -309,4 +309,5 @@ def main(args: Args):
 
 if __name__ == "__main__":
     with user_errors():  # a bad argument or input: one line on stderr, exit code 2 (common.py)
-        main(tyro.cli(Args))
+        defaults = "; ".join(f"{t}: " + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in d.items()) for t, d in TASK_DEFAULTS.items())
+        main(tyro.cli(Args, description=f"{__doc__.splitlines()[0]}\n\nPer-task defaults (TASK_DEFAULTS; a flag given wins): {defaults}"))

@@ -12,7 +12,8 @@
     task.pad_token_id, task.eos_token_id, task.max_new_tokens, task.temperature, task.tokenizer, task.info
 
 queries are left-padded [B, Lq], responses right-padded [B, Lr] (pad after EOS), both on `device`.
-Artifacts live under $CLEANPREF_CACHE (default ~/.cache/cleanpref), one directory per recipe hash.
+Artifacts live under $CLEANPREF_CACHE (default ~/.cache/cleanpref), one directory per recipe hash; $CLEANPREF_WORLD_SEED
+(default 0) is the recipes' seed: another value builds another world (task.info["fingerprint"] names the one in use).
 
 Real data (tasks/real.py): the named tasks `ultrafeedback` and `alpaca_farm` are a --model policy with a hub (or local)
 preference dataset and external reward models; on the length tasks, `dataset=` replaces the preference pairs and the
@@ -26,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -78,13 +80,15 @@ class Task:
 
 def make_task(name: str, device="cpu", model: Optional[str] = None, prompts: Optional[str] = None, dataset: Optional[str] = None,
               reward_model: Optional[str] = None, gold_reward_model: Optional[str] = None, max_prompt_length: Optional[int] = None,
-              max_length: Optional[int] = None) -> Task:
+              max_length: Optional[int] = None, min_pairs: int = 0) -> Task:
     """Build (or load from cache) task `name`. model: replace the embedded pi_ref with a Hugging Face
     causal LM (local directory or hub id; length tasks); prompts: a dataset of prompts to use instead
     of the embedded ones (a `prompt` column, or AlpacaFarm's `instruction` [+ `input`]).
     dataset: preference pairs replacing the task's (and its prompts the train prompts); reward_model / gold_reward_model:
     Hugging Face sequence classifiers replacing the proxy / gold reward; max_prompt_length / max_length: truncation of the
-    dataset's rows (tasks/preferences.py). The real tasks (ultrafeedback, alpaca_farm) need model and reward_model."""
+    dataset's rows (tasks/preferences.py); min_pairs: the pairs an offline script draws per iteration, so that a --dataset
+    with fewer rows fails before the embedded task builds. The real tasks (ultrafeedback, alpaca_farm) need model and
+    reward_model."""
     import importlib
 
     from tasks import real
@@ -98,7 +102,7 @@ def make_task(name: str, device="cpu", model: Optional[str] = None, prompts: Opt
                      max_prompt_length=max_prompt_length, max_length=max_length)
     if modules[name] == "real":
         return real.make(name, torch.device(device), model, prompts, **real_data)
-    real.check_overrides(name, **real_data)  # one-line errors before the embedded task builds
+    real.check_overrides(name, **real_data, min_pairs=min_pairs)  # one-line errors before the embedded task builds
     if modules[name] == "length" and model is not None:
         _resolve(model, "model")
     if modules[name] == "length" and prompts is not None:
@@ -109,6 +113,25 @@ def make_task(name: str, device="cpu", model: Optional[str] = None, prompts: Opt
 
 def cache_root() -> Path:
     return Path(os.environ.get("CLEANPREF_CACHE") or Path.home() / ".cache" / "cleanpref")
+
+
+def world_seed() -> int:
+    """The seed of the embedded tasks' worlds (their recipes' `seed`, so part of the cache key): $CLEANPREF_WORLD_SEED,
+    default 0. Another seed builds another world from the same recipe (another pi_ref, prompts, data and reward model),
+    to see whether a result depends on the one world a machine builds (docs/tasks.md)."""
+    value = os.environ.get("CLEANPREF_WORLD_SEED", "0")
+    if not value.isdigit():
+        raise SystemExit(f"CLEANPREF_WORLD_SEED must be a whole number >= 0, got {value!r}")
+    return int(value)
+
+
+def fingerprint(directory: Path, **stats) -> dict:
+    """What names a built world: its seed, `stats` (pi_ref's length mode, EOS rate, mean gold reward of its samples...)
+    and the first 12 hex digits of the sha256 of pi_ref's weights, from the cache's manifest. Builds on other machines
+    differ slightly (floating point grows through training); the fingerprint tells which world a result came from."""
+    files = json.loads((directory / "manifest.json").read_text())["files"]
+    weights = next(h for f, h in sorted(files.items()) if f.startswith("policy/") and f.endswith((".safetensors", ".bin")))
+    return {"world_seed": world_seed(), **stats, "pi_ref_sha256": weights[:12]}
 
 
 def _digest(path: Path) -> str:
@@ -183,23 +206,37 @@ def cached(kind: str, recipe: dict, build: Callable[[Path], dict]) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     stats = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
-    print(f"[cleanpref] built {kind} in {time.time() - start:.0f}s -> {final} ({stats})")
+    weights = [h[:12] for f, h in files.items() if f.startswith("policy/") and f.endswith((".safetensors", ".bin"))]
+    print(f"[cleanpref] built {kind} in {time.time() - start:.0f}s -> {final} ({stats}{', pi_ref_sha256=' + weights[0] if weights else ''})")
     return final
 
 
-def step_bar(desc: str):
-    """A `progress(step, total, loss)` callback, as `sft_train` and `reward_model_train` take, that drives a
-    tqdm bar on stderr: builds and the standalone scripts show their steps instead of a silent minute."""
-    from tqdm.auto import tqdm
+def step_bar(desc: str, unit: str = "step"):
+    """A `progress(step, total, loss=None)` callback, as `sft_train` and `reward_model_train` take: builds and the
+    standalone scripts show their steps instead of a silent minute. On a terminal it drives a tqdm bar on stderr;
+    written to a file or a pipe (a bar's carriage returns make one long line there) it prints a plain line at most
+    every 15 seconds, and the last step's."""
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
 
-    bar = tqdm(desc=desc, unit="step", dynamic_ncols=True)
+        bar = tqdm(desc=desc, unit=unit, dynamic_ncols=True)
 
-    def progress(step, total, loss):
-        bar.total = total
-        bar.update(step - bar.n)
-        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-        if step >= total:
-            bar.close()
+        def progress(step, total, loss=None):
+            bar.total = total
+            bar.update(step - bar.n)
+            if loss is not None:
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            if step >= total:
+                bar.close()
+
+        return progress
+    last = time.time()
+
+    def progress(step, total, loss=None):
+        nonlocal last
+        if step >= total or time.time() - last >= 15:
+            last = time.time()
+            print(f"[cleanpref] {desc}: {step}/{total} {unit}s" + ("" if loss is None else f", loss {loss:.3f}"), file=sys.stderr, flush=True)
 
     return progress
 

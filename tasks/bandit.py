@@ -24,7 +24,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from tasks import Task, cached, step_bar, summary_of
+from tasks import Task, cached, fingerprint, step_bar, summary_of, world_seed
 
 VOCAB, PAD, RESPONSE_LEN = 100, 100, 9
 MU = {"bandit_r1": 70.0, "bandit_r2": 20.0}
@@ -119,7 +119,8 @@ def make(name, device, model=None, prompts=None):
 
     if model or prompts:
         raise SystemExit(f"{name} builds its own policy and prompts; --model and --prompts apply to the length tasks")
-    d = cached("bandit", RECIPE, _build)
+    r = dict(RECIPE, seed=world_seed())  # pi_data, the task itself, stays; the world's pi_ref, prompts and samples change
+    d = cached("bandit", r, partial(_build, r=r))
     data = json.loads((d / "data.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(d / "policy")
     rows = preference_pairs(data["train_prompts"], data["samples"], MU[name], RECIPE["samples_per_prompt"])
@@ -130,4 +131,5 @@ def make(name, device, model=None, prompts=None):
     return Task(name=name, tokenizer=tokenizer, policy_path=str(d / "policy"), pad_token_id=PAD, eos_token_id=None,
                 max_new_tokens=RESPONSE_LEN, temperature=1.0, train_prompts=data["train_prompts"], eval_prompts=data["eval_prompts"],
                 preference_data=datasets.Dataset.from_list(rows), proxy_reward=reward, gold_reward=reward, device=device,
-                info={"mu": MU[name], "pairs": len(rows), "ref_peak_share": summary_of(d)[f"ref_peak_share_{name}"]})
+                info={"mu": MU[name], "pairs": len(rows), "ref_peak_share": summary_of(d)[f"ref_peak_share_{name}"],
+                      "fingerprint": fingerprint(d, gold_of_samples=round(reward(None, torch.tensor(data["samples"])).mean().item(), 3))})

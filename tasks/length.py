@@ -58,7 +58,7 @@ from functools import partial
 
 import torch
 
-from tasks import Task, cached, load_causal_lm, load_rows, prompt_text, source_key, step_bar, summary_of
+from tasks import Task, cached, fingerprint, load_causal_lm, load_rows, prompt_text, source_key, step_bar, summary_of, world_seed
 
 ANIMALS = "fox owl cat dog bear wolf deer frog duck goat hare lion mole mouse otter pig rabbit seal sheep snake swan tiger toad whale".split()
 PLACES = "forest river hill town field lake garden cave barn valley meadow bridge".split()
@@ -143,8 +143,6 @@ def _train_tokenizer(texts, vocab):
 def _build_world(out, r, model, prompts, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tqdm.auto import tqdm
-
     from algos.sft import sft_train
     from common import generate, pad_rows
 
@@ -176,10 +174,12 @@ def _build_world(out, r, model, prompts, device):
     samples = []
     # two samples per train prompt: the preference data's raw material
     train_q = [p for p in train for _ in range(2)]
-    for s in tqdm(range(0, len(train_q), r["sample_batch"]), desc="sampling pi_ref", unit="batch"):
+    progress, batches = step_bar("sampling pi_ref", unit="batch"), range(0, len(train_q), r["sample_batch"])
+    for i, s in enumerate(batches):
         q = pad_rows(train_q[s : s + r["sample_batch"]], tokenizer.pad_token_id, left=True, device=device)
         y, _ = generate(policy, q, tokenizer.pad_token_id, tokenizer.eos_token_id, r["max_new_tokens"], 1.0, g)
         samples += [[t for t in row if t != tokenizer.pad_token_id] for row in y.tolist()]
+        progress(i + 1, len(batches))
     lengths = response_lengths(pad_rows(samples, tokenizer.pad_token_id, left=False), tokenizer.pad_token_id, tokenizer.eos_token_id)
     ended = torch.tensor([tokenizer.eos_token_id in y for y in samples])
     mode = int(torch.mode(lengths[ended] if ended.any() else lengths).values)
@@ -240,8 +240,9 @@ def make(name, device, model=None, prompts=None):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from algos.reward_model import reward_scores
+    from common import pad_rows
 
-    r = dict(RECIPE, **(REAL_MODEL if model else {}), model=source_key(model), prompts=source_key(prompts))
+    r = dict(RECIPE, seed=world_seed(), **(REAL_MODEL if model else {}), model=source_key(model), prompts=source_key(prompts))
     world = cached("length-world", r, partial(_build_world, r=r, model=model, prompts=prompts, device=device))
     task_dir = cached(name, dict(r, world=world.name), partial(_build_task, r=r, name=name, world=world, device=device))
     data = json.loads((world / "data.json").read_text())
@@ -256,8 +257,12 @@ def make(name, device, model=None, prompts=None):
         return reward_scores(rm, queries, responses, pad)
 
     gold = partial(gold_length_reward, pad_token_id=pad, eos_token_id=eos, mode=mode if name == "mode_length" else None)
+    world_info = summary_of(world)
+    sampled = pad_rows(data["samples"], pad, left=False)  # pi_ref's own responses, two per train prompt
+    world_info["fingerprint"] = fingerprint(world, length_mode=mode, eos_rate=round(world_info["eos_rate"], 4),
+                                            gold_of_samples=round(gold(None, sampled).mean().item(), 3))
     return Task(name=name, tokenizer=tokenizer, policy_path=str(world / "policy"), pad_token_id=pad, eos_token_id=eos,
                 max_new_tokens=r["max_new_tokens"], temperature=1.0, train_prompts=data["train_prompts"], eval_prompts=data["eval_prompts"],
                 preference_data=datasets.Dataset.from_list([json.loads(line) for line in open(task_dir / "preference_data.jsonl")]),
                 proxy_reward=proxy_reward, gold_reward=gold, device=device, reward_model_path=str(task_dir / "reward_model"),
-                info={**summary_of(world), **summary_of(task_dir)})
+                info={**world_info, **summary_of(task_dir)})

@@ -46,8 +46,9 @@ def _check_lengths(max_prompt_length, max_length):
         raise SystemExit(f"--max-length ({max_length}) must exceed --max-prompt-length ({max_prompt_length}) to leave room for a response")
 
 
-def check_overrides(name, dataset, reward_model, gold_reward_model, max_prompt_length, max_length):
-    """One-line errors for real-data arguments an embedded task cannot take, before it builds (which may train)."""
+def check_overrides(name, dataset, reward_model, gold_reward_model, max_prompt_length, max_length, min_pairs=0):
+    """One-line errors for real-data arguments an embedded task cannot take, before it builds (which may train); min_pairs:
+    the pairs per iteration an offline script needs (--batch-size), at most the --dataset's rows."""
     given = [f"--{k}" for k, v in [("dataset", dataset), ("reward-model", reward_model), ("gold-reward-model", gold_reward_model),
                                    ("max-prompt-length", max_prompt_length), ("max-length", max_length)] if v is not None]
     if given and name.startswith("bandit"):
@@ -60,7 +61,10 @@ def check_overrides(name, dataset, reward_model, gold_reward_model, max_prompt_l
         if path is not None:
             check_reward_model(path, what)
     if dataset is not None:
-        schema_of(load_split(dataset, "train"), dataset)
+        rows = load_split(dataset, "train")
+        schema_of(rows, dataset)
+        if len(rows) < min_pairs:
+            raise SystemExit(f"--batch-size {min_pairs}: --dataset {dataset} has {len(rows)} preference pairs; pass at most that, or more pairs")
 
 
 def _rewards(tokenizer, device, sources, reward_model, gold_reward_model):

@@ -1,7 +1,7 @@
 """Bad input fails fast with one line (issue 20): every case below runs a script as a user would and must exit with code 2,
 print exactly one line on stderr (naming the flag or path), no traceback, and leave no run directory. Nearly all fail
-before any task builds or model loads (seconds each); the 8-pair dataset needs min_length's cache. Also: the task cache
-read-only once built, and a build's lock that says what it waits for.
+before any task builds or model loads (seconds each), on an empty cache that stays empty, and print no run's config line.
+Also: the task cache read-only once built, and a build's lock that says what it waits for.
 """
 
 import fcntl
@@ -105,8 +105,8 @@ def cases():
         ("online_dpo", "--model {d}/no_tokenizer", "has no tokenizer"),
         ("ppo", "--gold-reward-model {d}/no_weights", "gold reward model directory '{d}/no_weights' has no weights"),
     ]
-    table += [("dpo", "--dataset {d}/pairs8.jsonl --batch-size 64 --minibatch-size 8",  # needs min_length's cache
-               "--batch-size 64: the task has 8 preference pairs; pass at most that")]
+    table += [("dpo", "--dataset {d}/pairs8.jsonl --batch-size 64 --minibatch-size 8",  # counted before min_length builds
+               "--batch-size 64: --dataset {d}/pairs8.jsonl has 8 preference pairs; pass at most that")]
     table += [
         ("sft", "", "sft.py: pass --model"),
         ("sft", "--model {m} --dataset {d}/demos.jsonl --response-column output --minibatch-size 0", "--minibatch-size must be > 0, got 0"),
@@ -128,17 +128,22 @@ def cases():
 
 
 @pytest.mark.parametrize("script, flags, message", cases(), ids=[f"{c[0]} {c[1]}" for c in cases()])
-def test_bad_input_is_one_line_exit_2_and_leaves_nothing(script, flags, message, inputs, local_pythia, tmp_path):
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(script, flags, message, inputs, local_pythia, tmp_path, monkeypatch):
     fill = dict(d=inputs, m=local_pythia[0])
     args = [a.format(**fill) for a in flags.split()]
     if script not in ("sft", "reward_model") and "--task" not in flags:
         args = TASK + args
+    monkeypatch.setenv("CLEANPREF_CACHE", str(tmp_path / "cache"))  # an empty cache: every case fails before a build
     out = run(script, tmp_path, *args)
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert message.format(**fill) in lines[0], lines[0]
     assert not (tmp_path / "runs").exists() and not list(tmp_path.glob("*/args.json"))
+    assert not [a for a in (tmp_path / "cache").glob("[!.]*")], out.stdout[-2000:]  # nothing was built or cached
+    if "--model" not in flags:  # a --model's weights are read by the build itself (a damaged file fails there, in one line)
+        assert "building" not in out.stdout, out.stdout[-2000:]
+    assert not [line for line in out.stdout.splitlines() if line.startswith("run ")]  # no config line for a run that never starts
 
 
 @pytest.mark.parametrize("flag", ["--num-minibatches 3", "--world-size 2", "--num-prompts 4"])
