@@ -236,7 +236,7 @@ def step_bar(desc: str, unit: str = "step"):
         nonlocal last
         if step >= total or time.time() - last >= 15:
             last = time.time()
-            print(f"[cleanpref] {desc}: {step}/{total} {unit}s" + ("" if loss is None else f", loss {loss:.3f}"), file=sys.stderr, flush=True)
+            print(f"[cleanpref] {desc}: {step}/{total}" + ("" if loss is None else f", loss {loss:.3f}"), file=sys.stderr, flush=True)
 
     return progress
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import EVAL_KEYS, ROOT, SMOKE_TASKS, TASKS, load_script, metrics_of, run, smoke, train
+from conftest import EVAL_KEYS, ROOT, SMOKE_TASKS, TASKS, load_script, metrics_of, room, run, smoke, train
 
 SCRIPTS = ["pref_ft", "dpo", "online_dpo"]
 DPO_KEYS = ["logps/chosen", "logps/rejected", "rewards/margins", "rewards/accuracies"]
@@ -101,19 +101,16 @@ def test_sft_and_reward_model_scripts_train_a_local_model(local_pythia, tmp_path
 
 def test_online_dpo_learns_skew_length(tmp_path):
     _, rows = train("online_dpo", tmp_path, "skew_length", "--num-iterations", "20")
-    evals = [r for r in rows if "eval/gold_reward" in r]
-    # measured (seed 1, the tuned defaults): -22.9 at iteration 0, -1.0 after 20 iterations; a broken loss stays near -23 or
-    # gets longer
-    assert evals[0]["eval/gold_reward"] < -20 and evals[-1]["eval/gold_reward"] > -8
-    assert evals[-1]["eval/eos_rate"] > 0.95
+    # a broken loss stays near pi_ref's length or gets longer
+    gold_0, gained = room(rows, "skew_length")
+    assert gained > 0.6 and rows[-1]["eval/eos_rate"] > 0.9, (gold_0, rows[-1])
 
 
 def test_dpo_learns_bandit_r2(tmp_path):
     _, rows = train("dpo", tmp_path, "bandit_r2", "--num-iterations", "30")
-    evals = [r for r in rows if "eval/gold_reward" in r]
-    # measured (seed 1, the tuned defaults): 0.36 at iteration 0, 0.98 after 30 iterations, accuracy 0.97
-    assert evals[-1]["eval/gold_reward"] > evals[0]["eval/gold_reward"] + 0.3
-    assert rows[-1]["rewards/accuracies"] > 0.9
+    # measured (seed 1, the tuned defaults): 0.36 at iteration 0, 0.98 after 30 iterations (0.97 of the room), accuracy 0.97
+    gold_0, gained = room(rows, "bandit_r2")
+    assert gained > 0.5 and rows[-1]["rewards/accuracies"] > 0.8, (gold_0, gained)
 
 
 def test_same_seed_same_metrics(tmp_path):

@@ -1,7 +1,6 @@
 """benchmarks/ on a CPU: gpu_check.py (its arguments, its table, the one-line refusal without CUDA, a dry run of its
 parts) and decode_step.py (its written-out decode step equals the model's forward)."""
 
-import os
 import subprocess
 import sys
 
