@@ -54,7 +54,7 @@ def room(rows, task):
     fraction, with margins, never a gold value read off one world's run."""
     evals = [r for r in rows if "eval/gold_reward" in r]
     best, gold_0 = (1.0 if task.startswith("bandit") else 0.0), evals[0]["eval/gold_reward"]
-    assert gold_0 < (0.1 if task.startswith("bandit") else -15)  # pi_ref is far from the optimum in every world the recipe builds
+    assert best - gold_0 > (0.5 if task.startswith("bandit") else 15)  # room to learn in every world the recipe builds
     return gold_0, (evals[-1]["eval/gold_reward"] - gold_0) / (best - gold_0)
 
 

@@ -204,10 +204,12 @@ def test_hypo_keeps_kl_below_dpo_on_min_length(tmp_path):
     for script in ("dpo", "hypo"):
         (tmp_path / script).mkdir()
         _, rows = train(script, tmp_path / script, "min_length", "--num-iterations", "15", "--eval-every", "5", "--learning-rate", "1e-3")
-        runs[script] = _evals(rows)[-1]
-    # measured (seed 1, lr 1e-3, 15 iterations): dpo leaves pi_ref's support (KL 449, no EOS, gold -64); hypo ends at KL 4.4, gold -0.03
-    assert runs["hypo"]["eval/kl_ref"] < 0.1 * runs["dpo"]["eval/kl_ref"]
-    assert runs["hypo"]["eval/gold_reward"] > runs["dpo"]["eval/gold_reward"] + 10
+        runs[script] = (_evals(rows)[-1], room(rows, "min_length")[1])
+    # measured (seed 1, lr 1e-3, 15 iterations) on two worlds: dpo leaves pi_ref's support (KL 449, no EOS, gold -64) while
+    # hypo ends at KL 4.4 with 1.0 of the room; and dpo at KL 18.9 with 0.96 of the room, hypo at KL 4.4 with 0.71
+    # (issue 30: HyPO's lower KL holds in both worlds; its reward at 15 iterations depends on the world)
+    (hypo, hypo_gained), (dpo, _) = runs["hypo"], runs["dpo"]
+    assert hypo["eval/kl_ref"] < 0.5 * dpo["eval/kl_ref"] and hypo_gained > 0.5, runs
 
 
 # ---------------------------------------------------------------- bad input
