@@ -281,3 +281,45 @@ def test_dataset_specs_and_prompt_columns(tmp_path, monkeypatch):
         make_task("min_length", prompts=str(tmp_path / "bad.jsonl"))
     assert prompt_text({"instruction": "add", "input": "1 2"}) == "<|prompter|>add\n1 2<|endoftext|><|assistant|>"
     assert prompt_text({"instruction": "add", "input": "", "prompt": "x"}) == "x"
+
+
+def test_world_seed_changes_the_recipes_seed_and_nothing_else(monkeypatch):
+    """CLEANPREF_WORLD_SEED is the recipes' seed: another value is another cache key and another world, built from the same
+    recipe otherwise; the default (0) keeps the key every cache had before (issue 27, item 8)."""
+    from tasks import bandit, length
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_cached(kind, recipe, build):
+        seen.setdefault(os.environ["CLEANPREF_WORLD_SEED"], {})[kind] = recipe
+        raise Stop
+
+    for module in (bandit, length):
+        monkeypatch.setattr(module, "cached", fake_cached)
+    for ws in ("0", "7"):
+        monkeypatch.setenv("CLEANPREF_WORLD_SEED", ws)
+        for module, name in ((bandit, "bandit_r1"), (length, "min_length")):
+            with pytest.raises(Stop):
+                module.make(name, torch.device("cpu"))
+    for kind in ("bandit", "length-world"):
+        a, b = seen["0"][kind], seen["7"][kind]
+        assert {k for k in a if a[k] != b[k]} == {"seed"} and (a["seed"], b["seed"]) == (0, 7), (a, b)
+    assert seen["0"]["bandit"] == bandit.RECIPE and seen["0"]["length-world"]["seed"] == length.RECIPE["seed"] == 0
+    monkeypatch.setenv("CLEANPREF_WORLD_SEED", "one")
+    with pytest.raises(SystemExit, match="CLEANPREF_WORLD_SEED must be a whole number >= 0, got 'one'"):
+        bandit.make("bandit_r1", torch.device("cpu"))
+
+
+def test_a_task_names_its_world(bandit, length_tasks):
+    """task.info['fingerprint']: the world seed, pi_ref's length mode and EOS rate (length tasks), the mean gold of its
+    samples, and its weights' hash, the same for every task of one world."""
+    fps = {name: t.info["fingerprint"] for name, t in length_tasks.items()}
+    assert len({json.dumps(fp, sort_keys=True) for name, fp in fps.items() if name != "mode_length"}) == 1  # one world
+    fp = fps["min_length"]
+    assert fp["world_seed"] == int(os.environ.get("CLEANPREF_WORLD_SEED", "0")) and len(fp["pi_ref_sha256"]) == 12
+    assert fp["length_mode"] == length_tasks["min_length"].info["length_mode"] and fp["pi_ref_sha256"] == fps["mode_length"]["pi_ref_sha256"]
+    assert -40 < fp["gold_of_samples"] < -15 and fps["mode_length"]["gold_of_samples"] > fp["gold_of_samples"]  # -|len - mode| > -len
+    assert 0 < bandit.info["fingerprint"]["gold_of_samples"] < 0.1 and bandit.info["fingerprint"]["pi_ref_sha256"] != fp["pi_ref_sha256"]
