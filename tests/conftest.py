@@ -17,6 +17,8 @@ torch.set_num_threads(1)
 PAD, EOS = 0, 1
 TASKS = ["bandit_r1", "bandit_r2", "min_length", "mode_length", "skew_length"]
 SMOKE_TASKS = ["bandit_r1", "min_length"]  # every script runs on these; one script per family runs on all TASKS
+# the objectives: every script in algos/ that declares how the study and the tests run it (STUDY; docs/fork.md)
+OBJECTIVES = sorted(p.stem for p in (ROOT / "algos").glob("*.py") if "\nSTUDY = dict(" in p.read_text())
 EVAL_KEYS = {"eval/gold_reward", "eval/proxy_reward", "eval/response_length", "eval/eos_rate", "eval/kl_ref"}
 
 

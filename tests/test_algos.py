@@ -9,7 +9,8 @@ import time
 
 import pytest
 import torch
-from conftest import EVAL_KEYS, ROOT, SMOKE_TASKS, TASKS, load_script, metrics_of, room, run, smoke, train
+from conftest import EVAL_KEYS, OBJECTIVES, ROOT, SMOKE_TASKS, TASKS, load_script, metrics_of, room, run, smoke, train
+from test_docs import documented_metrics
 
 SCRIPTS = ["pref_ft", "dpo", "online_dpo"]
 DPO_KEYS = ["logps/chosen", "logps/rejected", "rewards/margins", "rewards/accuracies"]
@@ -58,10 +59,17 @@ def test_pref_ft_loss_is_token_mean_nll_of_chosen(tiny_lm):
     torch.testing.assert_close(pref_ft.pref_ft_loss(c_logps, c_len), torch.stack(nll), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("script,task", [(s, t) for s in SCRIPTS for t in SMOKE_TASKS] +
-                         [("online_dpo", t) for t in TASKS if t not in SMOKE_TASKS])
-def test_script_runs_end_to_end(script, task, tmp_path):
-    smoke(script, task, tmp_path, DPO_KEYS)
+@pytest.mark.parametrize("script,task", [(s, t) for s in OBJECTIVES for t in SMOKE_TASKS])
+def test_every_objective_runs_end_to_end_and_logs_what_its_page_documents(script, task, tmp_path):
+    """Every script that declares STUDY (a new fork too, with no list to edit) on one bandit and one length task: the
+    metrics contract (conftest.smoke), and the keys written are exactly those docs/objectives/<script>.md documents."""
+    _, rows = smoke(script, task, tmp_path, [])
+    assert set().union(*rows) == documented_metrics(script), sorted(set().union(*rows) ^ documented_metrics(script))
+
+
+@pytest.mark.parametrize("task", [t for t in TASKS if t not in SMOKE_TASKS])
+def test_online_dpo_runs_on_every_task(task, tmp_path):
+    smoke("online_dpo", task, tmp_path, DPO_KEYS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

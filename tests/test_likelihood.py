@@ -103,8 +103,7 @@ def test_rwr_weights_are_clipped_monotone_and_never_push_down():
     assert w.tolist() == [20.0, 1.0, 0.0]  # exp overflow is clipped, never inf or NaN
 
 
-@pytest.mark.parametrize("script,task,extra", [(s, t, []) for s in KEYS for t in SMOKE_TASKS] +
-                         [("best_of_n", t, ["--offline"]) for t in SMOKE_TASKS] +
+@pytest.mark.parametrize("script,task,extra", [("best_of_n", t, ["--offline"]) for t in SMOKE_TASKS] +  # (test_algos: every script)
                          [("best_of_n", t, []) for t in TASKS if t not in SMOKE_TASKS])
 def test_script_runs_end_to_end(script, task, extra, tmp_path):
     smoke(script, task, tmp_path, KEYS[script], *extra)
