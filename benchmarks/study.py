@@ -1,57 +1,131 @@
 """The study in one command: the nine claims of docs/paper.md section 5, each measured in its own words, with figures.
 
-    python benchmarks/study.py --tune              # first: rates, KL strengths, budgets -> benchmarks/tuning.json (hours)
-    python benchmarks/study.py                     # all claims, seeds 1-5: report.md, report.json, figures in benchmarks/figures/
-    python benchmarks/study.py --quick             # one seed, short runs: a smoke test of the whole pipeline, not the result
+    python benchmarks/study.py --tune              # first: rates, strengths, budgets -> benchmarks/tuning.json (hours)
+    python benchmarks/study.py                     # all claims, seeds 1-5 on world 0, claims 1 2 3 5 on world 1 (seeds 1-3)
+    python benchmarks/study.py --quick             # one seed, short runs, world 0: a smoke test of the whole pipeline
     python benchmarks/study.py --claims 1 3 --seeds 21 22 23 --out runs/my_study
-    python benchmarks/study.py --dry-run           # what would run (runs, iterations, evaluations), without running it
+    python benchmarks/study.py --dry-run           # what would run (runs, iterations, evaluations, estimated cost)
+    python benchmarks/study.py --tune --dry-run    # the same for the tuning
+    python benchmarks/stability.py --script online_dpo --task skew_length --seeds 1-10   # does a default collapse?
 
 Runs are subprocesses (one torch thread each, `--workers` at a time), each in its own directory
-`--out/<task>__<script>__<options>__s<seed>/`; a run whose directory holds `done.json` is never run again, so a
-killed study or tuning resumes where it stopped, and claims share their runs (a run as long as its longest use).
+`--out/<task>__<script>__<options>__s<seed>/` (world 1: `--out/world1/...`); a run whose directory holds `done.json`
+is never run again, so a killed study or tuning resumes where it stopped, and claims share their runs (a run as long
+as its longest use). Every `done.json` records whether the run collapsed (below).
 
-The protocol, fixed before the final run (issue 19):
-- Responses are the budget's unit. `samples` counts responses generated or read: 2 per offline pair (pref_ft,
-  dpo, ipo), B per on-policy iteration (C = 4 completions per prompt for every on-policy arm, passed explicitly;
-  offline Best-of-N and RWR read B from their pi_ref pool), B * (2 + k) for HyPO (its k online samples per pair).
-  Every iteration of every arm is 64 responses: B = 64 completions, B = 32 pairs, HyPO's B = 16 pairs and their
-  32 online samples (claim 7 varies B), so every arm is evaluated at the same responses; an arm runs
-  ceil(L / 64) iterations for the length L it needs: its task's budget, or the full length, 6,400 responses on the
-  bandits and 3,840 on the length tasks (100 and 60 iterations).
-- Every run evaluates every 2 iterations up to iteration 30, then every 10, and at its end (`--eval-dense-until
-  30`), on the task's first 128 held-out prompts; the evaluation sampler is seeded by the run's seed alone, so at a
-  seed every arm's iteration 0 is the same draw from pi_ref.
+The protocol (issue 27, protocol 2), fixed before the re-run that replaces the issue-19 result. What changed from
+issue 19 and why: runs collapsed at tuned rates and one collapsed seed decided a 5-seed mean (a collapse rule, a
+clipped area, tuning that never picks a collapsing rate); the tuning picked rates on a cliff (three seeds, the median,
+grids extended without a cap, then refined); budgets were set by the single fastest arm (the median arm now); "best"
+used unpaired intervals (paired differences now); report.json kept no per-seed values (it keeps them all now).
+
+- The world. The embedded tasks are one draw of pi_ref, preference data and proxy reward model; tasks/ selects a
+  draw by the environment variable CLEANPREF_WORLD_SEED (default 0, part of the cache key) and records
+  `task.info["fingerprint"]` (pi_ref's length mode and EOS rate, the gold at iteration 0, a short hash of pi_ref's
+  weights; the bandits alike). The study reads each world's fingerprints after building it (a subprocess with the
+  world's variable set, as the runs get it) and prints them in report.md and report.json. World 0 is the main
+  world: every claim, the reporting seeds. World 1 (`--world-seeds 0 1`, the default; `--quick` runs world 0 only)
+  repeats claims 1, 2, 3 and 5 on seeds 1-3 (the first three reporting seeds) at world 0's tuned values and
+  budgets (world 1 is never tuned on: it asks whether the conclusions carry over to another draw), in `--out/world1`;
+  every check says whether its world-1 outcome agrees with world 0's (the same outcome). A world whose fingerprints
+  are missing or equal to world 0's is refused: the study cannot tell it is another world.
+- The methods. The objectives are the algos/*.py scripts that declare `STUDY` (responses per row of B, variants,
+  knob; sft.py and reward_model.py declare none); a method is a script or a script with one of its variants
+  (`best_of_n --offline`). The paper's 14 methods (pref_ft dpo ipo hypo best_of_n best_of_n_neg rwr online_dpo
+  online_ipo reinforce ppo grpo, and best_of_n --offline, rwr --offline) set the budgets and make the nine claims'
+  checks; every other declared method (simpo, orpo, kto, ...) is tuned the same way, joins claim 5's leaderboard
+  of every task and the report's "Beyond the paper" section (its rank and area against its nearest sibling: simpo
+  and kto against dpo, orpo against pref_ft), and never enters a check, so a new script cannot change a verdict.
+- Responses are the budget's unit. `samples` counts responses generated or read; per iteration a script adds B
+  times its declared responses per row (STUDY["responses_per_row"] on the script's Args with the run's options:
+  2 per offline pair, 2 + k for HyPO, 1 per completion). C = 4 completions per prompt for every on-policy arm
+  (passed explicitly); every iteration of every arm is 64 responses (B = 64 completions, 32 pairs, HyPO's 16 pairs
+  and their 32 online samples; claim 7 varies B), so every arm is evaluated at the same responses. Full length:
+  6,400 responses on the bandits, 3,840 on the length tasks (100 and 60 iterations).
+- Evaluations: every iteration up to iteration 16, then every 5, and at the end (`--eval-dense-every 1
+  --eval-dense-until 16 --eval-every 5`), on the task's first 128 held-out prompts, with a sampler seeded by the
+  run's seed alone (at a seed every arm's iteration 0 is the same draw from pi_ref). Any budget (16 iterations or
+  more) holds at least 17 evaluations; the study refuses a plan in which an arm it compares by area has fewer than
+  12 inside its budget (claim 7 excepted, below). The scripts have one dense regime; issue 27 asked for every
+  iteration to 16, every 2 to 30 and every 10 after; every 5 after 16 costs less than its fallback, every iteration
+  to 30 then every 10 (26 evaluations in 60 iterations and 34 in 100, against 34 and 38; issue 19: 19 and 23), and
+  sees a late collapse within 5 iterations.
 - A run's curve: its gold reward against responses (or nominal gradient steps, B / M * T per iteration), linear
   between evaluations, normalised as (gold - gold_0) / (best - gold_0), gold_0 its iteration-0 gold (pi_ref), best
-  1 on the bandits and 0 on the length tasks. Primary metric, the area: the mean of the normalised curve over
-  [0, budget] (trapezoid). Secondary: the gold at the budget; responses to 50% and 90% of that room (first
-  crossing, censored at the budget). "Final" (claims 2, 4, 9, full length): the mean of the last two evaluations
-  (training statistics: of the last five iterations).
-- Budgets, per task, from the tuning runs: each run's responses to 90% of the room; for each script, variant and
-  rate the median over the tuning seeds; the least of these over every script, variant and rate, doubled and
-  rounded up to a whole iteration (64 responses), at most the full length (the full length when no curve gets
-  there). Claim 7: the same in nominal gradient steps, rounded up to a whole iteration of its largest B (32 steps);
-  its arms are compared on the evaluations they share, every 32 steps (a coarser grid's chords would bias the area).
-- Tuning (`--tune`, seeds 101 102, disjoint from the reporting seeds): the 12 objectives and the two offline
-  variants (best_of_n --offline, rwr --offline) on every task, full length. Learning rates on the half-decade
-  ladder (1e-4, 3e-4, 1e-3, ...), starting from {1e-4, ..., 1e-2} on the bandits and {1e-5, ..., 1e-3} on the length
-  tasks; each rate scored by its area over the task's budget, mean over the tuning seeds; the best wins (scores
-  within 1e-6 tie; the smaller rate wins a tie). A winner at the edge of its grid adds the next rate beyond it, and
-  budgets and winners are recomputed from all runs so far (a budget can only shrink), until every winner is
-  interior or at the limits 1e-6 and 1e-1, or `--tune-rounds` rounds have run. Then, at each winning rate, the KL
-  strength of ppo (--init-kl-coef), grpo (--beta) and hypo (--kl-coef) on 3 points, the default and a half-decade
-  either side (coordinate-wise: the rate is not re-tuned at the new strength), scored over the same budgets (fixed
-  before these runs; a tie keeps the default). It writes benchmarks/tuning.json and prints the TASK_DEFAULTS rows it implies; the study passes
-  each arm its tuned rate and KL strength from that file explicitly. (`--tune-around-defaults` starts each grid at
-  the script's current rate and its two neighbours instead: about 0.6x the runs, the same rule after that.)
+  1 on the bandits and 0 on the length tasks. Primary metric, the area: the mean over [0, budget] (trapezoid) of the
+  normalised curve clipped below at -1 at every evaluation, so that one collapsed seed weighs at most as much as a
+  run that lost the whole room once more (issue 19: a seed at -1.5 decided a 5-seed mean). Secondary: the gold at
+  the budget; responses to 50% and 90% of the room (first crossing, censored at the budget). "Final" (claims 2, 4,
+  9, full length): the mean of the last two evaluations (training statistics: of the last five iterations).
+- Collapse. A run collapses when, at any evaluation after iteration 0, its normalised gold is below -1 (it lost
+  more than the whole room above pi_ref) or, on a length task, its eval/eos_rate is below 0.5 (pi_ref ends 99% of
+  its responses; below half, the policy has stopped ending them). Every run's done.json records `collapsed`,
+  `collapse_iteration` (the first such evaluation) and `worst_normalised` (the lowest normalised gold after
+  iteration 0); the report lists per arm and task how many seeds collapsed, and report.json each seed's flag. The
+  same rule is benchmarks/stability.py's.
+- Budgets, per task, from the tuning runs of the paper's 14 methods, each at its winning learning rate: each run's
+  responses to 90% of the room, censored at the full length; for each method the median over the tuning seeds;
+  the budget is twice the median of these over the 14 methods (the median method, not the fastest: issue 19's
+  rule made min_length's and skew_length's budgets 4 iterations), rounded up to a whole iteration (64 responses),
+  at least 16 iterations (1,024 responses) and at most the full length. Winners depend on the budget and the
+  budget on the winners: per task the study iterates budget -> winners -> budget from the full length until a
+  budget repeats (in a cycle: its largest). The budgets are fixed before the knob runs. Claim 7 (gradient steps):
+  its arms are compared on the evaluations all four share, every 32 steps (one iteration of B = 512 at M = 16), and
+  8 shared evaluations after iteration 0 need 256 steps (4,096 responses), the full length rounded up to a whole
+  B = 512 iteration: its budget is 256 steps on both tasks. Its arms are evaluated every iteration at B >= 256 and
+  every 2 below (B = 64, 128, 256, 512: 33, 17, 17 and 9 evaluations).
+- Tuning (`--tune`, seeds 101 102 103, disjoint from the reporting seeds; full-length runs): every method on every
+  task. A rate's score is the median over the tuning seeds of its areas over the task's budget; a rate at which any
+  tuning seed collapses cannot win; the best score wins (scores within 1e-6 tie; the smaller rate wins a tie).
+  Learning rates lie on the half-decade ladder (1e-4, 3e-4, 1e-3, ...); each grid starts at the script's current
+  rate (TASK_DEFAULTS, or OFFLINE_LEARNING_RATES for --offline: the issue-19 winners) and its two neighbours
+  (`--tune-start fixed`: {1e-4 .. 1e-2} on the bandits, {1e-5 .. 1e-3} on the length tasks). A winner at the edge
+  of its grid (its smallest or largest rate) adds the next ladder rate beyond it, and budgets and winners are
+  recomputed from every run so far, round after round, until every winner is interior or at the ladder's limits
+  1e-6 and 1e-1 (a grid whose every rate collapses extends downwards the same way; one that reaches 1e-6 still
+  collapsing keeps its smallest rate, flagged `"stable": false`). Then one refinement: x2 and /2 of each winner
+  (within the limits) join the grid and the winner is re-picked, never a collapsing rate. `--tune-rounds N` is an
+  emergency cap only: a grid it stops is flagged `"capped": true` and its edge winner `"edge": true`. In
+  tuning.json `edge` means "could have been extended and was not": false for every winner of a finished tuning;
+  `at_limit` marks a winner at a ladder limit. Rates are swept at each script's untuned knob (STUDY["knob"],
+  passed explicitly); then, at the winning rate (coordinate-wise: the rate is not re-tuned), the knob of each
+  script that declares one (ppo init_kl_coef 0.02, grpo beta 0.04, hypo kl_coef 0.03, best_of_n_neg beta 0.1) on
+  the half-decade ladder around its untuned value (0.02: 0.0063, 0.02, 0.063, two significant digits), extended the
+  same way until interior or at the limits 1e-4 and 10, then refined at x2 and /2, over the fixed budgets (a tie
+  keeps the untuned value). Three economies that cannot change a winner: seeds run in the order 101, 102, 103 and a
+  rate is not run on a later seed once an earlier one collapsed; a tuning run is stopped at its first collapsing
+  evaluation; and the third seed runs only where it can change the winner: a rate whose two seeds did not collapse
+  gets seed 103 when the larger of its two areas (the most its median of three can be) reaches the best score of
+  the grid's complete rates (three seeds, none collapsed) less 1e-6, or, in a grid with no complete rate yet, when
+  its smaller area is the grid's largest; repeated until no rate qualifies at the current budgets. tuning.json
+  keeps every rate's per-seed areas and collapses (`"seeds": 2` where the third was not needed). It writes
+  benchmarks/tuning.json (protocol 2) and prints the TASK_DEFAULTS rows it implies; the study passes each arm its
+  tuned rate and knob from that file explicitly. A partial tuning (`--tune-scripts`, say a new script) writes
+  OUT/tune/tuning.json only, at the budgets of an existing protocol-2 --tuning file if there is one; `--tune-merge`
+  adds its methods to that file.
 - Verdicts. Reporting seeds 1-5. Each check is a difference paired by seed, signed so that the claim predicts it
   positive, and its 90% percentile bootstrap interval of the mean over seeds (10,000 resamples, generator seed
   0): the check holds when the interval lies above 0, fails when it lies below 0, and is inconclusive otherwise.
-  A claim HOLDS when every check holds, DOES NOT HOLD when any fails, and is INCONCLUSIVE otherwise. Ranks (claim
-  5): each arm's interval is the bootstrap interval of its mean; equal means share a rank; the top group is the
-  arm with the highest mean and every arm whose interval reaches its interval (upper end >= its lower end). "X is
-  best or fastest" holds when X is in the top group and some arm is not, fails when X is not in it, and is
-  inconclusive when every arm is.
+  A claim HOLDS when every check holds, DOES NOT HOLD when any fails, and is INCONCLUSIVE otherwise. "X is best or
+  fastest" (claim 5), X the better (by mean area) of online DPO and online IPO, compared with each other method of
+  the paper's 14 by the paired difference (other - X): it holds when no other method's difference has an interval
+  above 0 and at least one has an interval below 0, fails when some method's interval lies above 0, and is
+  inconclusive otherwise; the check reports X minus the best other method (by mean). The leaderboard (rank, mean
+  area and its interval, every method) is descriptive: equal means share a rank.
+- Under every check that fails or is inconclusive, report.md prints two or three lines generated from the per-seed
+  data: which arms collapsed on which seeds (iteration, EOS rate, worst normalised gold) and the difference over the
+  seeds where no arm of the check collapsed; each arm's gold, KL(pi || pi_ref), EOS rate and response length at the
+  budget (logps/chosen where the script logs it); whether each arm's tuned rate and knob are interior in their
+  grids. A check that fails with every arm interior in its grids and no arm collapsed on any seed is labelled
+  "disagrees with the paper"; a figure shows the per-seed curves of the arms of every such check
+  (claim<N>_checks.png).
+- report.json (protocol 2) holds every arm on every task it ran, per world: per seed its area, gold at the budget,
+  final gold, final KL (eval/kl_ref), collapse; the mean and 90% interval of its area; each check's per-seed
+  differences (and world 1's, with the agreement); the budgets and the fingerprints. `validate_report` checks that
+  schema (and the issue-19 report, protocol 1, against its own). After writing it, a complete study (not --quick)
+  renders each objective's results (`objective_results`) into docs/objectives/<script>.md between the lines
+  `<!-- results: generated by benchmarks/study.py -->` and `<!-- /results -->`, with its gold curves on the five
+  tasks in benchmarks/figures/objectives/<script>.png.
 - Each check quotes the words of docs/paper.md section 5 it tests. Speed and "beats" claims (1, 2, 3, 5, 6) compare
   areas against responses, claim 7 against gradient steps; claims 4 and 9 compare full-length finals, and claim 2
   reports its full-length finals too. Claim 8 is the deterministic toy: one value, no interval. The checks:
@@ -63,7 +137,7 @@ The protocol, fixed before the final run (issue 19):
      best_of_n.
   4. bandit_r1 and min_length: dpo's rewards/margins grows more than pref_ft's (full-length final minus the first
      iteration); whether log pi(y_w) fell is reported ("may": no check).
-  5. every task: the better of online_dpo / online_ipo is in the top group of all 14 arms ("best or fastest");
+  5. every task: the better of online_dpo / online_ipo is best or fastest among the paper's 14 methods (above);
      online_dpo > dpo and online_dpo > best_of_n ("Complementary").
   6. bandit_r1, T in {1, 2, 4, 8}: T = 2 > T = 1 for online_dpo, best_of_n, ppo ("a little helps"); T = 8 < T = 2
      for online_dpo and best_of_n ("much hurts non-RL methods"); ppo's loss from T = 2 to T = 8 smaller than each
