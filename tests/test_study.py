@@ -561,3 +561,18 @@ def test_quick_study_runs_its_pipeline_end_to_end_and_resumes(study, tmp_path, m
     assert set(report["worlds"]["0"]["fingerprints"]) == {"bandit_r1", "min_length", "skew_length"}  # read from tasks/ (None before issue 27)
     monkeypatch.setattr(study.Launcher, "execute", lambda self, run: pytest.fail(f"{run.key} ran again"))
     assert [s["checks"] for s in study.main(args)] == [s["checks"] for s in summary]  # resumed: nothing rerun, the same result
+
+
+def test_stability_runs_a_script_at_its_defaults_on_each_seed_and_counts_collapses(tmp_path, capsys):
+    stability = load_script("stability", "benchmarks")
+    rows = stability.main(stability.parse(["--script", "reinforce", "--task", "bandit_r1", "--seeds", "1-2", "--workers", "2",
+                                           "--out", str(tmp_path), "--", "--num-iterations", "2"]))
+    assert [r["seed"] for r in rows] == [1, 2] and all(r["collapsed"] is False and r["final_gold"] > 0 for r in rows)
+    assert all(set(r) >= {"collapse_iteration", "worst_normalised", "max_kl", "min_eos"} for r in rows)
+    out = capsys.readouterr().out
+    assert "0 of 2 collapsed" in out and "reinforce on bandit_r1" in out
+    (d,) = [p for p in tmp_path.iterdir() if p.name.endswith("__s1")]
+    assert d.name == "bandit_r1__reinforce__num-iterations=2__s1" and json.loads((d / "done.json").read_text())["collapsed"] is False
+    assert stability.seeds_of(["1-3", "7", "9,10"]) == [1, 2, 3, 7, 9, 10]
+    with pytest.raises(SystemExit, match="declares no STUDY"):
+        stability.main(stability.parse(["--script", "sft", "--task", "bandit_r1"]))
