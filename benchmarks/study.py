@@ -101,8 +101,8 @@ used unpaired intervals (paired differences now); report.json kept no per-seed v
   keeps every rate's per-seed areas and collapses (null for a seed not run, or collapsed). It writes
   benchmarks/tuning.json (protocol 2) and prints the TASK_DEFAULTS rows it implies; the study passes each arm its
   tuned rate and knob from that file explicitly. A partial tuning (`--tune-scripts`, say a new script) writes
-  OUT/tune/tuning.json only, at the budgets of an existing protocol-2 --tuning file if there is one; `--tune-merge`
-  adds its methods to that file.
+  OUT/tune/tuning.json only, at the budgets of an existing protocol-2 --tuning file if there is one (else by the rule,
+  over the paper's methods among those it tunes, or all of them); `--tune-merge` adds its methods to that file.
 - Verdicts. Reporting seeds 1-5. Each check is a difference paired by seed, signed so that the claim predicts it
   positive, and its 90% percentile bootstrap interval of the mean over seeds (10,000 resamples, generator seed
   0): the check holds when the interval lies above 0, fails when it lies below 0, and is inconclusive otherwise.
@@ -1699,14 +1699,14 @@ def run_claims(args: Args, out: Path, figures: Path):
                         "\n```\n" + "\n".join(lines) + "\n```\n" + (f"![claim {c.number}](claim{c.number}.png)\n" if checks else "") +
                         figure_lines.get(c.number, ""))
         summary.append({"claim": c.number, "verdict": result, "checks": checks, "numbers": lines})
-    # collapses, per arm and task (world 0)
-    down = [(t, name, rec) for t, arms in report["arms"].get(str(first), {}).items() for name, rec in arms.items() if any(rec["collapsed"])]
+    # collapses, per world, arm and task
+    down = [(w, t, name, rec) for w, tasks in report["arms"].items() for t, arms in tasks.items() for name, rec in arms.items() if any(rec["collapsed"])]
     collapse_text = ("\n## Collapses\n\nSeeds that collapsed (normalised gold below -1, or EOS rate below 0.5 on a length task, at an "
-                     "evaluation after iteration 0), per arm and task (world " + str(first) + "):\n\n| task | arm | collapsed | seeds (iteration) |\n"
-                     "|---|---|---|---|\n" + "".join(
-                         f"| {t} | {name} | {sum(rec['collapsed'])} of {len(rec['seeds'])} | " +
+                     "evaluation after iteration 0), per arm and task:\n\n| world | task | arm | collapsed | seeds (iteration) |\n"
+                     "|---|---|---|---|---|\n" + "".join(
+                         f"| {w} | {t} | {name} | {sum(rec['collapsed'])} of {len(rec['seeds'])} | " +
                          ", ".join(f"{s} ({it})" for s, c_, it in zip(rec["seeds"], rec["collapsed"], rec["collapse_iteration"]) if c_) + " |\n"
-                         for t, name, rec in down) if down else "\n## Collapses\n\nNo run collapsed.\n")
+                         for w, t, name, rec in down) if down else "\n## Collapses\n\nNo run collapsed.\n")
     beyond_text = ""
     if 5 in judged[first] and judged[first][5][3] is not None and extra:
         res5 = judged[first][5][3]

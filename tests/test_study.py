@@ -354,7 +354,7 @@ def test_every_claim_judges_explains_and_plots_hand_written_runs_on_two_worlds(s
     text = (tmp_path / "out" / "report.md").read_text()
     assert "world 1: fails" in text and "DISAGREES" in text and '"weights": "w1"' in text
     # the collapse: counted, explained, and left out to show what the other seeds say
-    assert "| skew_length | online_ipo | 1 of 3 | 2 (3) |" in text
+    assert "| 0 | skew_length | online_ipo | 1 of 3 | 2 (3) |" in text
     ipo = report["claims"]["2"]["checks"][2]
     assert ipo["explanation"][0].startswith("online_ipo on skew_length collapsed: seed 2 at iteration 3 (EOS 0.05, KL -30); worst normalised gold -3.00")
     assert "excluding them (seeds 1, 3): " in ipo["explanation"][0] and ipo["label"] is None
@@ -517,6 +517,13 @@ def test_tuning_on_hand_made_curves_extends_refines_prunes_and_never_picks_a_col
     entry = capped["scripts"]["dpo"]["min_length"]
     assert entry["capped"] and entry["edge"] and entry["learning_rate"] == 2e-3 and capped["capped"] == ["dpo on min_length", "grpo on min_length"]
     study.print_tuning(result)  # prints the TASK_DEFAULTS rows it implies
+    # a partial tuning (a new script, here dpo alone) keeps a protocol-2 file's budgets and, with --tune-merge, joins it
+    (tmp_path / "tuning.json").write_text(json.dumps(result | {"budgets": {"min_length": {"samples": 2048, "steps": 256}}}))
+    part = study.main(study.Args(**{**vars(args), "tune_scripts": ["dpo"], "tuning": str(tmp_path / "tuning.json"), "tune_merge": True,
+                                    "out": str(tmp_path / "part")}))
+    assert part["budgets"]["min_length"]["samples"] == 2048 and part["budgets"]["min_length"]["trace"] == [2048]
+    merged = json.loads((tmp_path / "tuning.json").read_text())
+    assert merged["scripts"]["dpo"]["min_length"] == part["scripts"]["dpo"]["min_length"] and "grpo" in merged["scripts"]
 
 
 def test_tuning_dry_run_counts_and_costs(study, capsys):
