@@ -1,7 +1,9 @@
-"""benchmarks/: the mode-seeking toy (claim 8), and the study's metrics, budget rule, verdicts, tuning and pipeline."""
+"""benchmarks/: the mode-seeking toy (claim 8), the study's metrics, collapse rule, budget rule, verdicts, tuning, report and
+pipeline (benchmarks/study.py, protocol 2), and benchmarks/stability.py."""
 
 import json
 import math
+import os
 import sys
 
 import numpy as np
@@ -54,13 +56,50 @@ def test_reach_interpolates_between_evaluations_and_is_inf_when_never_reached(st
     assert study.reach(x, y * 0.8, 0.9) == math.inf and study.reach(x, y + 1, 0.9) == 0
 
 
-def test_budget_rule_twice_the_fastest_median_rounded_up_to_a_whole_iteration(study):
-    reaches = {("online_dpo", 1e-3): [300.0, 500.0], ("best_of_n", 1e-3): [100.0, math.inf], ("ppo", 3e-4): [350.0, 360.0]}
-    # medians: 400, inf (one seed never got there), 355 -> ppo; 2 * 355 = 710 -> 768, a whole iteration of 64
-    assert study.budget_rule(reaches, 64, 3840) == (768, ("ppo", 3e-4), 355.0)
-    assert study.budget_rule(reaches, 64, 640) == (640, ("ppo", 3e-4), 355.0)  # never past the full length
-    assert study.budget_rule({("dpo", 1e-4): [math.inf, math.inf]}, 64, 3840) == (3840, None, math.inf)  # no curve gets there
-    assert study.budget_rule({("a", 1.0): [64.0, 64.0]}, 32, 416)[0] == 128  # gradient steps: whole iterations of 32
+def test_area_clips_the_normalised_curve_at_minus_one_so_a_collapsed_seed_weighs_at_most_one_room(study):
+    x, y = np.array([0.0, 64, 128]), np.array([0.0, -3.0, -3.0])  # a seed that lost three rooms
+    assert study.area(x, y, 128) == pytest.approx((64 * -0.5 + 64 * -1.0) / 128)  # as if it had lost one
+    assert study.area(x, y, 128, floor=None) == pytest.approx((64 * -1.5 + 64 * -3.0) / 128)
+
+
+def rows_of(golds, eos=None, per=64):
+    return [{"iteration": i, "samples": per * i, "eval/gold_reward": g, "eval/kl_ref": float(i),
+             **({"eval/eos_rate": eos[i]} if eos else {})} for i, g in enumerate(golds)]
+
+
+def test_collapse_rule_normalised_gold_below_minus_one_or_eos_below_half_after_iteration_0(study):
+    # min_length: pi_ref at -20, the best 0; -45 is 1.25 rooms below pi_ref
+    assert study.collapse(rows_of([-20.0, -10.0, -45.0, -5.0]), "min_length") == {
+        "collapsed": True, "collapse_iteration": 2, "worst_normalised": pytest.approx(-1.25)}
+    # the EOS rule: the policy stops ending its responses at iteration 1, before its gold falls much
+    c = study.collapse(rows_of([-20.0, -25.0, -10.0], eos=[0.99, 0.3, 0.9]), "skew_length")
+    assert c["collapsed"] and c["collapse_iteration"] == 1 and c["worst_normalised"] == pytest.approx(-0.25)
+    # exactly -1 and exactly 0.5 do not collapse; iteration 0 (pi_ref itself) never counts; the bandits have no EOS rule
+    assert not study.collapse(rows_of([-20.0, -40.0], eos=[0.4, 0.5]), "min_length")["collapsed"]
+    assert not study.collapse(rows_of([0.04, 0.5], eos=[1.0, 0.0]), "bandit_r1")["collapsed"]
+    assert study.collapse(rows_of([0.5, -0.6]), "bandit_r1")["collapse_iteration"] == 1  # (−0.6 − 0.5) / (1 − 0.5) = −2.2
+    # training rows between evaluations are skipped
+    rows = rows_of([-20.0, -10.0])
+    rows.insert(1, {"iteration": 1, "samples": 64, "train/loss": 1.0})
+    assert study.collapse(rows, "min_length") == {"collapsed": False, "collapse_iteration": None, "worst_normalised": pytest.approx(0.5)}
+
+
+def test_budget_rule_twice_the_median_methods_median_reach_at_least_16_iterations(study):
+    reaches = {"online_dpo": [300.0, 500.0, 400.0], "best_of_n": [100.0, math.inf, 900.0], "ppo": [350.0, 360.0, 2000.0],
+               "dpo": [math.inf] * 3, "pref_ft": [math.inf, math.inf, 700.0]}
+    # medians (a miss censored at the full length 3,840): 400, 900, 360, 3840, 3840 -> the median method 900; 2 * 900 -> 1856
+    assert study.budget_rule(reaches, 64, 3840) == (1856, 900.0, {"online_dpo": 400.0, "best_of_n": 900.0, "ppo": 360.0,
+                                                                   "dpo": 3840.0, "pref_ft": 3840.0})
+    assert study.budget_rule({"a": [64.0] * 3, "b": [100.0] * 3}, 64, 3840)[0] == 1024  # fast methods: the 16-iteration floor
+    assert study.budget_rule(reaches, 64, 1500)[0] == 1500  # never past the full length
+    # one fast arm no longer sets the budget: medians 50, 360, 400, 900, 3840, 3840 -> 650, 2 * 650 -> 1344 (issue 19's rule:
+    # twice the fastest, 100 -> 128)
+    assert study.budget_rule({**reaches, "reinforce": [50.0] * 3}, 64, 3840)[0] == 1344
+
+
+def test_budget_fixed_point_stops_at_a_repeat_and_a_cycle_takes_its_largest(study):
+    assert study.fixed_point(lambda b: {3840: 2048, 2048: 1600, 1600: 1600}[b], 3840) == (1600, [3840, 2048, 1600, 1600])
+    assert study.fixed_point(lambda b: {3840: 1024, 1024: 2048, 2048: 1024}[b], 3840) == (2048, [3840, 1024, 2048, 1024])
 
 
 def test_bootstrap_verdicts_hold_fail_and_inconclusive(study):
@@ -77,32 +116,55 @@ def test_bootstrap_verdicts_hold_fail_and_inconclusive(study):
     assert study.verdict(["holds", "inconclusive"]) == "INCONCLUSIVE"
 
 
-def test_ties_share_a_rank_and_the_top_group_is_the_intervals_reaching_the_best(study):
-    values = {"best_of_n_neg": [1.0] * 5, "online_dpo": [1.0] * 5, "online_ipo": [0.99, 1.0, 0.98, 1.0, 0.97],
-              "dpo": [0.3, 0.35, 0.32, 0.31, 0.33]}
-    ranks = {r["name"]: r for r in study.ranking(values)}
-    assert ranks["best_of_n_neg"]["rank"] == ranks["online_dpo"]["rank"] == 1 and ranks["online_ipo"]["rank"] == 3
-    assert [ranks[n]["top"] for n in values] == [True, True, False, False]  # online_ipo's interval ends below 1.0
+def test_best_or_fastest_by_paired_differences_against_every_other_method(study):
     group = ("online_dpo", "online_ipo")
-    # a tie at the top holds, whatever the order of the arms
-    for order in (values, dict(reversed(values.items()))):
-        check = study.top_check("t", "area", order, group).result()
-        assert check["outcome"] == "holds" and check["mean_diff"] == 0
-    assert study.top_check("t", "area", {**values, "online_dpo": [0.9] * 5}, group).result()["outcome"] == "fails"
-    everyone = {n: [0.5, 0.6, 0.4, 0.55, 0.45] for n in values}  # nobody told apart: the ranking says nothing
-    assert study.top_check("t", "area", everyone, group).result()["outcome"] == "inconclusive"
+    beaten = {"online_dpo": [0.80, 0.70, 0.75, 0.72, 0.78], "online_ipo": [0.70, 0.60, 0.70, 0.65, 0.70],
+              "dpo": [0.30, 0.35, 0.32, 0.31, 0.33], "reinforce": [0.85, 0.76, 0.80, 0.77, 0.83]}  # reinforce: +0.05 on every seed
+    check = study.top_check("t", "area", beaten, group).result([1, 2, 3, 4, 5])
+    assert check["outcome"] == "fails" and check["x"] == "online_dpo" and check["beaten_by"] == ["reinforce"]
+    assert check["mean_diff"] == pytest.approx(-0.052) and check["diffs"] == pytest.approx([-0.05, -0.06, -0.05, -0.05, -0.05])
+    # the same means, but reinforce's seeds disagree: unpaired intervals would overlap either way; paired, nothing beats online_dpo
+    # and dpo is beaten: it holds
+    noisy = {**beaten, "reinforce": [0.95, 0.60, 0.85, 0.62, 0.87]}
+    assert study.top_check("t", "area", noisy, group).result()["outcome"] == "holds"
+    tie = {n: [0.5, 0.6, 0.4, 0.55, 0.45] for n in beaten}  # nobody told apart: inconclusive
+    assert study.top_check("t", "area", tie, group).result()["outcome"] == "inconclusive"
+    # `among` limits the comparison (claim 5: the paper's 14 methods; a new script cannot change the verdict)
+    assert study.top_check("t", "area", beaten, group, among=["online_dpo", "online_ipo", "dpo"]).result()["outcome"] == "holds"
+    ranks = {r["name"]: r for r in study.ranking({"a": [1.0] * 3, "b": [1.0] * 3, "c": [0.5] * 3})}
+    assert ranks["a"]["rank"] == ranks["b"]["rank"] == 1 and ranks["c"]["rank"] == 3  # the leaderboard: equal means share a rank
 
 
-def test_the_tuning_grid_extends_past_edge_winners_within_limits(study):
+def test_tuning_ladders_extension_refinement_edges_and_ties(study):
     assert study.neighbour(1e-3, 1) == 3e-3 and study.neighbour(1e-3, -1) == 3e-4 and study.neighbour(3e-4, 1) == 1e-3
-    grid = [1e-4, 3e-4, 1e-3]
-    assert study.extend(grid, 1e-3, (1e-6, 1e-1)) == grid + [3e-3] and study.extend(grid, 1e-4, (1e-6, 1e-1)) == [3e-5] + grid
-    assert study.extend(grid, 3e-4, (1e-6, 1e-1)) is None and study.extend(grid, 1e-3, (1e-6, 1e-3)) is None  # interior; at the limit
-    assert study.pick({1e-4: -3.0, 3e-4: -1.0, 1e-3: -1.0 + 1e-8, 3e-3: float("nan")}) == 3e-4  # a tie goes to the smaller rate
-    assert study.pick({0.0063: 0.5, 0.02: 0.5, 0.063: 0.1}, prefer=0.02) == 0.02  # a KL tie keeps the default
-    for script, (knob, values) in study.KL_KNOBS.items():  # 3-point KL grids; the scripts' per-task strengths come from them
-        assert values[0] < values[1] < values[2] and getattr(study.script_args(script), knob) is None  # None: per task
-        assert {d[knob] for d in study.load_script(script).TASK_DEFAULTS.values()} <= set(values)
+    assert study.neighbour(2e-3, 0) == 3e-3  # a rate off the ladder starts from the nearest on it (log distance)
+    grid, limits = [1e-4, 3e-4, 1e-3], (1e-6, 1e-1)
+    assert study.extend(grid, 1e-3, limits) == grid + [3e-3] and study.extend(grid, 1e-4, limits) == [3e-5] + grid
+    assert study.extend(grid, 3e-4, limits) is None and study.extend(grid, 1e-3, (1e-6, 1e-3)) is None  # interior; at the limit
+    assert study.extend(grid, None, limits, all_collapsed=True) == [3e-5] + grid  # every rate collapsed: look lower
+    assert study.edge_flags(grid, 1e-3, limits) == (True, False) and study.edge_flags(grid, 1e-3, (1e-6, 1e-3)) == (False, True)
+    assert study.edge_flags(grid + [2e-4], 3e-4, limits) == (False, False)
+    assert study.pick({1e-4: -3.0, 3e-4: -1.0, 1e-3: -1.0 + 1e-8, 3e-3: float("nan"), 1e-2: None}) == 3e-4  # a tie: the smaller
+    assert study.pick({0.0063: 0.5, 0.02: 0.5, 0.063: 0.1}, prefer=0.02) == 0.02  # a knob tie keeps the untuned value
+    assert study.knob_ladder(0.02)[3:7] == [0.0063, 0.02, 0.063, 0.2] and study.knob_ladder(0.04, (0.01, 1.0)) == [0.013, 0.04, 0.13, 0.4]
+    # the issue-19 per-task KL strengths lie on the ladders of the knobs the scripts declare
+    for script in ("ppo", "grpo", "hypo"):
+        field, untuned = study.knob_of(script)
+        assert {d[field] for d in study.load_script(script).TASK_DEFAULTS.values()} <= set(study.knob_ladder(untuned))
+
+
+def test_objectives_are_discovered_from_their_study_declarations(study):
+    scripts = study.objective_scripts()
+    assert scripts[:12] == study.PAPER and "sft" not in scripts and "reward_model" not in scripts
+    assert study.methods_of(study.PAPER) == [m for m in study.PAPER_METHODS if m.split()[0] in study.PAPER] and len(study.PAPER_METHODS) == 14
+    assert study.knob_of("ppo") == ("init_kl_coef", 0.02) and study.knob_of("dpo") is None
+    with pytest.raises(SystemExit, match=r"algos/sft.py declares no STUDY"):
+        study.main(study.Args(tune=True, tune_scripts=["sft"], dry_run=True))
+    with pytest.raises(SystemExit, match=r"does not take --no-such-flag"):
+        study.responses_per_iteration("dpo", {"no-such-flag": "1"})
+    # B times the declared responses per row, on the script's Args with the run's options: HyPO's k online samples count
+    assert study.responses_per_iteration("hypo", {"batch-size": "16", "num-online-samples": "4"}) == 16 * 6
+    assert study.responses_per_iteration("best_of_n", {"batch-size": "64", "offline": ""}) == 64
 
 
 # --------------------------------------------------------------------- response counting in the real scripts
@@ -130,12 +192,13 @@ def test_responses_are_counted_two_per_pair_and_hypos_online_samples_too(study, 
 
 
 # ------------------------------------------------------------------------------ claims on hand-written runs
-def write_run(out, run, rows):
-    """A finished run as the launcher leaves it: done.json, and the script's runs/<name>/metrics.jsonl."""
+def write_run(out, run, rows, done=None):
+    """A finished run as the launcher leaves it: the script's runs/<name>/metrics.jsonl, then done.json."""
     d = out / run.key / "runs" / "x"
     d.mkdir(parents=True, exist_ok=True)
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (out / run.key / "done.json").write_text("{}")
+    (out / run.key / "done.json.tmp").write_text(json.dumps(done or {}))
+    os.replace(out / run.key / "done.json.tmp", out / run.key / "done.json")
 
 
 def fake_rows(start, end, margin_end, iterations, per=64):
@@ -150,12 +213,20 @@ def fake_rows(start, end, margin_end, iterations, per=64):
     return rows
 
 
-def fake_tuning(study, path, scripts):
-    budgets = {t: {"samples": 640, "steps": 64} for t in study.TASKS}
-    entries = {s: {t: {"learning_rate": 1e-3, **({study.KL_KNOBS[s][0]: 0.02} if s in study.KL_KNOBS else {})} for t in study.TASKS}
-               for s in scripts}
-    path.write_text(json.dumps({"tuning_seeds": [101, 102], "budgets": budgets, "scripts": entries}))
+def fake_tuning(study, path, methods, budget=1024):
+    """A protocol-2 tuning file: every method at lr 1e-3 (its knob at its untuned value), interior in its grids."""
+    budgets = {t: {"samples": budget, "steps": 256} for t in study.TASKS}
+    entries = {}
+    for m in methods:
+        knob = study.knob_of(m.split()[0])
+        entries[m] = {t: {"learning_rate": 1e-3, "edge": False, "at_limit": False, "stable": True,
+                          **({knob[0]: knob[1], f"{knob[0]}_edge": False} if knob else {})} for t in study.TASKS}
+    path.write_text(json.dumps({"protocol": 2, "tuning_seeds": [101, 102, 103], "budgets": budgets, "scripts": entries}))
     return study.read_tuning(path)
+
+
+def no_build(tasks, world=0):
+    return {t: {"world": world, "weights": f"w{world}"} for t in tasks}  # hand-written runs need no task; each world its own fingerprint
 
 
 def write_claim4(study, tmp_path, dpo_margin_on_min_length):
@@ -165,78 +236,152 @@ def write_claim4(study, tmp_path, dpo_margin_on_min_length):
     for (_, a), runs in runs_of.items():
         for run in runs:
             margin = {"pref_ft": 0.3, "dpo": dpo_margin_on_min_length if a.task == "min_length" else 0.8}[a.script]
-            write_run(tmp_path / "out", run, fake_rows(0.0, 0.5, margin + 0.01 * run.seed * (-1) ** run.seed, run.iterations))
+            start, end = (0.04, 0.5) if a.task in study.BANDITS else (-20.0, -5.0)
+            write_run(tmp_path / "out", run, fake_rows(start, end, margin + 0.01 * run.seed * (-1) ** run.seed, run.iterations))
     return runs_of
 
 
 @pytest.mark.parametrize("dpo_margin_on_min_length,verdict,outcome", [(0.9, "HOLDS", "holds"), (0.1, "DOES NOT HOLD", "fails"),
                                                                         (0.3, "INCONCLUSIVE", "inconclusive")])
 def test_claim_logic_on_hand_written_runs(study, tmp_path, monkeypatch, dpo_margin_on_min_length, verdict, outcome):
-    monkeypatch.setattr(study, "prebuild", lambda tasks: None)  # hand-written runs need no task
+    monkeypatch.setattr(study, "prebuild", no_build)
     runs_of = write_claim4(study, tmp_path, dpo_margin_on_min_length)
     # the full length in responses: 3,840 on min_length, 64 per iteration (32 pairs): 60 iterations
     assert {r.iterations for (_, a), rs in runs_of.items() if a.task == "min_length" for r in rs} == {60}
     opts = dict(runs_of[4, study.arm("dpo", "min_length")][0].options)
     assert opts["learning-rate"] == "0.001" and opts["batch-size"] == "32"  # the tuned rate from the tuning file; 64 responses
+    assert (opts["eval-dense-every"], opts["eval-dense-until"], opts["eval-every"]) == ("1", "16", "5")
     (summary,) = study.main(study.Args(claims=[4], out=str(tmp_path / "out"), figures=str(tmp_path / "fig"), tuning=str(tmp_path / "tuning.json")))
     assert summary["verdict"] == verdict
     assert [c["outcome"] for c in summary["checks"]] == ["holds", outcome]
-    # dpo on bandit_r1: the last five of 50 training rows average 0.96 of the end margin; growth from row 1 (0.02 of it)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert study.validate_report(report) == [] and report["seeds"] == [1, 2, 3, 4, 5] and report["tuning_seeds"] == [101, 102]
+    assert study.validate_report(report) == [] and report["protocol"] == 2 and report["seeds"] == [1, 2, 3, 4, 5]
     assert report["claims"]["4"]["verdict"] == verdict and json.loads((tmp_path / "fig" / "report.json").read_text()) == report
-    assert (tmp_path / "fig" / "claim4.png").stat().st_size > 10_000 and "## Claim 4: " + verdict in (tmp_path / "out" / "report.md").read_text()
-    assert f"KL strengths from {tmp_path / 'tuning.json'} (tuning seeds [101, 102])" in (tmp_path / "out" / "report.md").read_text()
+    assert report["world_seeds"] == [0] and report["worlds"]["0"]["fingerprints"]["min_length"] == {"world": 0, "weights": "w0"}
+    rec = report["arms"]["0"]["min_length"]["dpo"]
+    assert rec["seeds"] == [1, 2, 3, 4, 5] and len(rec["area"]) == 5 and rec["collapsed"] == [False] * 5 and rec["budget"] == 1024
+    assert rec["final_kl"] == pytest.approx([3.0 * 0.5 + 3.0 * 59 / 60 * 0.5] * 5)  # the mean of the last two evaluations
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "fig" / "claim4.png").stat().st_size > 10_000 and "## Claim 4: " + verdict in text
+    assert f"knobs from {tmp_path / 'tuning.json'} (protocol 2, tuning seeds [101, 102, 103])" in text and "No run collapsed" in text
+    if outcome != "holds":  # explained from the per-seed data
+        assert "no arm of this check collapsed on any seed" in text and "tuned values: every arm interior in its grids" in text
+        assert ("**disagrees with the paper**" in text) == (outcome == "fails")
 
 
-SPEED = {"online_dpo": 8.0, "online_ipo": 6.0, "best_of_n_neg": 5.0, "best_of_n": 4.0, "ppo": 3.0, "dpo": 2.0, "ipo": 2.0}
+SPEED = {"online_dpo": 8.0, "online_ipo": 6.0, "best_of_n_neg": 5.0, "best_of_n": 4.0, "ppo": 3.0, "dpo": 2.0, "ipo": 2.0, "simpo": 3.0}
 
 
-def synthetic_rows(study, run):
+def synthetic_rows(study, run, world=0):
     """A run whose normalised gold rises as 1 - exp(-speed * responses / 1000): online DPO fastest, offline arms slowest,
-    T = 2 helps every method and T = 8 hurts all but PPO, B = 64 beats B = 512 per gradient step; HyPO's KL stays low."""
+    T = 2 helps every method and T = 8 hurts all but PPO, B = 64 beats B = 512 per gradient step; HyPO's KL stays low.
+    Pref-FT is faster than DPO on min_length (claim 3 fails there, everything interior: "disagrees with the paper"); online
+    IPO collapses on skew_length at seed 2 (EOS 0.05 from iteration 3); in world 1, DPO is faster than online DPO on bandit_r1."""
     a, opts = run.arm, dict(run.options)
     per = study.responses_per_iteration(a.script, opts)
     speed = SPEED.get(a.script, 1.0) * (0.5 if "offline" in opts else 1.0) * {"2": 1.5, "4": 1.2, "8": 1.6 if a.script == "ppo" else 0.5}.get(
         opts.get("update-epochs"), 1.0) * 64 / per * (1 + 0.02 * run.seed)
+    if a.script == "pref_ft" and a.task == "min_length":
+        speed = 3.0
+    if world == 1 and a.script == "dpo" and a.task == "bandit_r1":
+        speed = SPEED["online_dpo"] * 1.1 * (1 + 0.02 * run.seed)
     g0, best = (0.04, 1.0) if a.task in study.BANDITS else (-28.0, 0.0)
+    broken = a.script == "online_ipo" and a.task == "skew_length" and run.seed == 2 and world == 0
     rows = []
     for i in range(run.iterations + 1):
-        f = 1 - math.exp(-speed * per * i / 1000)
-        row = {"iteration": i, "samples": per * i, "eval/gold_reward": g0 + f * (best - g0), "eval/kl_ref": (1 if a.script == "hypo" else 10) * f}
+        f = -3.0 if broken and i >= 3 else 1 - math.exp(-speed * per * i / 1000)
+        row = {"iteration": i, "samples": per * i, "eval/gold_reward": g0 + f * (best - g0), "eval/kl_ref": (1 if a.script == "hypo" else 10) * f,
+               "eval/eos_rate": 0.05 if broken and i >= 3 else 0.99, "eval/response_length": -g0 * (1 - f)}
         if i:
             row.update({"rewards/margins": f * (2.0 if a.script == "dpo" else 0.5), "logps/chosen": -30.0 - f * (a.script == "dpo")})
         rows.append(row)
     return rows
 
 
-def test_every_claim_judges_and_plots_hand_written_runs(study, tmp_path, monkeypatch):
-    monkeypatch.setattr(study, "prebuild", lambda tasks: None)
-    methods = study.OBJECTIVES + ["best_of_n --offline", "rwr --offline"]
+def with_simpo(study, monkeypatch):
+    """A fifth-column script: "simpo", a copy of dpo under another name (objectives are discovered from their STUDY)."""
+    load, declare, exists = study.load_script, study.declaration, study.script_exists
+    monkeypatch.setattr(study, "objective_scripts", lambda: study.PAPER + ["simpo"])
+    monkeypatch.setattr(study, "load_script", lambda s, folder="algos": load("dpo" if s == "simpo" else s, folder))
+    monkeypatch.setattr(study, "declaration", lambda s: declare("dpo" if s == "simpo" else s))
+    monkeypatch.setattr(study, "script_exists", lambda s: exists("dpo" if s == "simpo" else s))
+    study.parsed_args.cache_clear()
+
+
+def test_every_claim_judges_explains_and_plots_hand_written_runs_on_two_worlds(study, tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "prebuild", no_build)
+    with_simpo(study, monkeypatch)
+    draw = study.objective_figure  # one figure per script takes a second each: two are enough here
+    monkeypatch.setattr(study, "objective_figure", lambda res, script, *a: draw(res, script, *a) if script in ("dpo", "simpo") else None)
+    methods = study.PAPER_METHODS + ["simpo"]
     tuning = fake_tuning(study, tmp_path / "tuning.json", methods)
-    runs_of = study.plan(list(study.claims().values()), [1, 2, 3], study.budgets_for(study.TASKS, tuning, False, None), tuning)
-    for run in {r for rs in runs_of.values() for r in rs}:
-        if run.arm.script == "mode_seeking":
-            ms = load_script("mode_seeking", "benchmarks")
-            (tmp_path / "out" / run.key).mkdir(parents=True)
-            (tmp_path / "out" / run.key / "result.json").write_text(json.dumps(ms.run(ms.Args(figure=None))))
-            (tmp_path / "out" / run.key / "done.json").write_text("{}")
-        else:
-            write_run(tmp_path / "out", run, synthetic_rows(study, run))
-    summary = study.main(study.Args(seeds=[1, 2, 3], out=str(tmp_path / "out"), figures=str(tmp_path / "fig"), tuning=str(tmp_path / "tuning.json")))
+    budgets = study.budgets_for(study.TASKS, tuning, False, None)
+    all_claims = study.claims(["simpo"])
+    for world, seeds, numbers, out in ((0, [1, 2, 3], range(1, 10), tmp_path / "out"), (1, [1, 2, 3], (1, 2, 3, 5), tmp_path / "out" / "world1")):
+        runs_of = study.plan([all_claims[n] for n in numbers], seeds, budgets, tuning)
+        for run in {r for rs in runs_of.values() for r in rs}:
+            if run.arm.script == "mode_seeking":
+                ms = load_script("mode_seeking", "benchmarks")
+                (out / run.key).mkdir(parents=True)
+                (out / run.key / "result.json").write_text(json.dumps(ms.run(ms.Args(figure=None))))
+                (out / run.key / "done.json").write_text("{}")
+            else:
+                write_run(out, run, synthetic_rows(study, run, world))
+    docs = tmp_path / "docs"
+    (docs / "objectives").mkdir(parents=True)
+    (docs / "objectives" / "dpo.md").write_text(f"# DPO\n\nprose\n\n{study.PAGE_START}\nold numbers\n{study.PAGE_END}\n\nmore prose\n")
+    (docs / "objectives" / "ipo.md").write_text("# IPO, no markers\n")
+    summary = study.main(study.Args(seeds=[1, 2, 3], world_seeds=[0, 1], out=str(tmp_path / "out"), figures=str(tmp_path / "fig"),
+                                    tuning=str(tmp_path / "tuning.json"), pages=str(docs)))
     assert [len(s["checks"]) for s in summary] == [8, 6, 14, 2, 15, 7, 2, 2, 4]
     outcomes = {s["claim"]: [c["outcome"] for c in s["checks"]] for s in summary}
     # the synthetic world: on-policy beats offline everywhere by the same share of the room, so "the gap shrinks" is a tie
     assert outcomes[1] == ["holds", "inconclusive"] * 4 and outcomes[5] == ["holds"] * 15 and outcomes[6] == ["holds"] * 7
-    assert outcomes[2] == ["holds", "inconclusive"] * 3 and outcomes[4] == ["holds", "holds"] and outcomes[9] == ["holds"] * 4
-    assert outcomes[7] == ["holds", "inconclusive"] and outcomes[8] == ["holds", "holds"]
-    assert outcomes[3] == (["holds", "inconclusive", "holds"] * 2 + ["holds"]) * 2  # offline Best-of-N is as fast as dpo and ipo here
+    assert outcomes[2] == ["holds", "inconclusive", "inconclusive", "inconclusive", "holds", "inconclusive"]  # online_ipo's seed 2
+    assert outcomes[4] == ["holds", "holds"] and outcomes[9] == ["holds"] * 4 and outcomes[7] == ["holds", "inconclusive"]
+    assert outcomes[8] == ["holds", "holds"]
+    # offline Best-of-N is as fast as dpo and ipo here; pref_ft beats both on min_length
+    assert outcomes[3] == ["holds", "inconclusive", "holds"] * 2 + ["holds"] + ["fails", "inconclusive", "holds"] * 2 + ["holds"]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert study.validate_report(report) == [] and sorted(report["claims"], key=int) == [str(n) for n in range(1, 10)]
     assert all((tmp_path / "fig" / f"claim{n}.png").stat().st_size > 10_000 for n in range(1, 10))
+    assert (tmp_path / "fig" / "claim3_checks.png").exists()
+    # world 1: the same checks on seeds 1-3; there DPO is faster than online DPO on bandit_r1
+    first = report["claims"]["1"]["checks"][0]
+    assert first["worlds"]["1"]["outcome"] == "fails" and not first["worlds"]["1"]["agrees"] and first["worlds"]["1"]["seeds"] == [1, 2, 3]
+    assert report["claims"]["1"]["world1_verdict"] == "DOES NOT HOLD" and 4 not in report["worlds"]["1"]["claims"]
+    assert report["worlds"]["1"]["fingerprints"]["bandit_r1"] == {"world": 1, "weights": "w1"}
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "world 1: fails" in text and "DISAGREES" in text and '"weights": "w1"' in text
+    # the collapse: counted, explained, and left out to show what the other seeds say
+    assert "| 0 | skew_length | online_ipo | 1 of 3 | 2 (3) |" in text
+    ipo = report["claims"]["2"]["checks"][2]
+    assert ipo["explanation"][0].startswith("online_ipo on skew_length collapsed: seed 2 at iteration 3 (EOS 0.05, KL -30); worst normalised gold -3.00")
+    assert "excluding them (seeds 1, 3): " in ipo["explanation"][0] and ipo["label"] is None
+    assert report["arms"]["0"]["skew_length"]["online_ipo"]["collapsed"] == [False, True, False]
+    assert report["arms"]["0"]["skew_length"]["online_ipo"]["collapse_iteration"] == [None, 3, None]
+    # a failure with every arm interior and no collapse disagrees with the paper
+    pref = report["claims"]["3"]["checks"][7]
+    assert pref["name"].startswith('min_length: "Offline, a negative gradient beats maximum likelihood": dpo > pref_ft')
+    assert pref["label"] == "disagrees with the paper" and "dpo (min_length) gold" in pref["explanation"][1]
+    assert len(pref["diffs"]) == 3 and pref["mean_diff"] == pytest.approx(np.mean(pref["diffs"]))
+    # beyond the paper: simpo on claim 5's leaderboard against dpo, outside the checks
+    b = report["beyond"]["simpo"]
+    assert b["sibling"] == "dpo" and b["tasks"]["bandit_r1"]["diff_mean"] > 0 and b["tasks"]["bandit_r1"]["of"] == 15
+    assert "## Beyond the paper" in text and "simpo" not in json.dumps(report["claims"]["5"]["checks"][0]["pairs"])
+    # the teaching pages: the block between the markers is the renderer's, the rest of the page is kept
+    page = (docs / "objectives" / "dpo.md").read_text()
+    assert page == f"# DPO\n\nprose\n\n{study.PAGE_START}\n{study.objective_results(report, 'dpo')}\n{study.PAGE_END}\n\nmore prose\n"
+    assert "| dpo | " in page and "| 3 | min_length: " in page and (docs / "objectives" / "ipo.md").read_text() == "# IPO, no markers\n"
+    assert (tmp_path / "fig" / "objectives" / "dpo.png").stat().st_size > 10_000 and (tmp_path / "fig" / "objectives" / "simpo.png").exists()
+    bad = json.loads(json.dumps(report))
+    bad["arms"]["0"]["min_length"]["dpo"]["area"][0] += 0.5  # its mean no longer matches
+    bad["claims"]["1"]["checks"][0]["diffs"][0] += 1.0  # nor its interval
+    bad["claims"]["1"]["checks"][0]["worlds"]["1"]["agrees"] = True
+    assert len(study.validate_report(bad)) == 3
 
 
-def test_report_schema_catches_a_wrong_verdict_and_a_malformed_check(study):
+def test_report_schema_protocol_1_and_the_committed_report(study):
     good = {"seeds": [1], "tuning_seeds": [], "wall_s": 1.0, "workers": 1,
             "claims": {"1": {"verdict": "HOLDS", "checks": [{"name": "n", "metric": "m", "mean_diff": 1.0, "ci90": [0.5, 1.5], "outcome": "holds"}]}}}
     assert study.validate_report(good) == []
@@ -245,6 +390,23 @@ def test_report_schema_catches_a_wrong_verdict_and_a_malformed_check(study):
     bad["claims"]["1"]["checks"].append({"name": "n", "outcome": "maybe"})
     del bad["workers"]
     assert len(study.validate_report(bad)) == 3
+    assert "missing arms" in study.validate_report(good | {"protocol": 2})
+
+
+def test_the_committed_report_passes_its_schema_and_covers_every_claim(study):
+    """benchmarks/figures/report.json, from the final study run (issue 19, protocol 1, until the protocol-2 re-run replaces
+    it): its verdicts follow from its checks, and it renders the teaching pages' blocks."""
+    report = json.loads((ROOT / "benchmarks" / "figures" / "report.json").read_text())
+    assert study.validate_report(report) == []
+    assert sorted(report["claims"], key=int) == [str(n) for n in range(1, 10)] and report["seeds"] == [1, 2, 3, 4, 5]
+    assert not set(report["seeds"]) & set(report["tuning_seeds"])  # tuned on seeds it does not report
+    block = study.objective_results(report, "online_dpo")
+    assert "| 7 | min_length: \"Fresher data" in block and "| 5 | bandit_r1" in block and "| 3 |" not in block  # claim 3: offline only
+    assert "| 3 | bandit_r1: \"Offline, a negative gradient beats maximum likelihood\": dpo > pref_ft" in study.objective_results(report, "dpo")
+    if report.get("protocol", 1) == 1:  # issue 19 kept no per-arm values: the checks, and the command that makes the table
+        assert "comes with the protocol-2 re-run" in block
+    else:
+        assert report["world_seeds"][:1] == [0] and all(f"**{t}**" in block for t in study.TASKS)
 
 
 def test_missing_tuning_missing_script_and_failed_run(study, tmp_path, monkeypatch, capsys):
@@ -252,7 +414,9 @@ def test_missing_tuning_missing_script_and_failed_run(study, tmp_path, monkeypat
         study.main(study.Args(claims=[4], tuning=str(tmp_path / "nothing.json"), out=str(tmp_path)))
     with pytest.raises(SystemExit, match=r"unknown claim ids \[12\]"):
         study.main(study.Args(claims=[1, 12]))
-    monkeypatch.setattr(study, "prebuild", lambda tasks: None)
+    with pytest.raises(SystemExit, match=r"is the issue-19 tuning \(protocol 1\)"):  # its budgets are shorter than protocol 2's floor
+        study.main(study.Args(claims=[4], out=str(tmp_path)))
+    monkeypatch.setattr(study, "prebuild", no_build)
     write_claim4(study, tmp_path, 0.9)
     monkeypatch.setattr(study, "script_exists", lambda script: script != "hypo")
     fake_tuning(study, tmp_path / "tuning.json", ["dpo", "pref_ft", "hypo"])
@@ -260,27 +424,140 @@ def test_missing_tuning_missing_script_and_failed_run(study, tmp_path, monkeypat
     runs_of = study.plan([study.claims()[4]], [1, 2, 3, 4, 5], study.budgets_for(study.TASKS, tuning, False, None), tuning)
     (tmp_path / "out" / runs_of[4, study.arm("dpo", "bandit_r1")][0].key / "done.json").unlink()  # not done: rerun, and it fails
     monkeypatch.setattr(study.Run, "command", lambda self: [sys.executable, "-c", "import sys; sys.exit('cannot train: boom')"])
-    summary = study.main(study.Args(claims=[9, 4], out=str(tmp_path / "out"), figures=str(tmp_path / "fig"), tuning=str(tmp_path / "tuning.json")))
+    summary = study.main(study.Args(claims=[9, 4], world_seeds=[0], out=str(tmp_path / "out"), figures=str(tmp_path / "fig"),
+                                    tuning=str(tmp_path / "tuning.json")))
     assert [s["verdict"] for s in summary] == ["MISSING", "FAILED"]
     assert "hypo" in summary[0]["numbers"][0] and "cannot train: boom" in "\n".join(summary[1]["numbers"])
     assert json.loads((tmp_path / "out" / "report.json").read_text())["claims"] == {}  # only judged claims enter report.json
+    # a second world that tasks/ does not tell apart from the first is refused
+    fake_tuning(study, tmp_path / "every.json", study.PAPER_METHODS)
+    monkeypatch.setattr(study, "prebuild", lambda tasks, world=0: {t: None for t in tasks})  # tasks/ before issue 27
+    with pytest.raises(SystemExit, match=r"--world-seeds 1: tasks/ records no task.info\['fingerprint'\]"):
+        study.main(study.Args(claims=[1], world_seeds=[0, 1], out=str(tmp_path / "w"), tuning=str(tmp_path / "every.json")))
+    monkeypatch.setattr(study, "prebuild", lambda tasks, world=0: {t: {"weights": "same"} for t in tasks})  # a variable it ignores
+    with pytest.raises(SystemExit, match=r"has the same fingerprint as in world 0"):
+        study.main(study.Args(claims=[1], world_seeds=[0, 1], out=str(tmp_path / "w"), tuning=str(tmp_path / "every.json")))
+
+
+def test_too_few_evaluations_inside_a_budget_are_refused_and_claim7_shares_eight(study, tmp_path):
+    tuning = fake_tuning(study, tmp_path / "tuning.json", study.PAPER_METHODS)
+    budgets = study.budgets_for(study.TASKS, tuning, False, None)
+    chosen = list(study.claims().values())
+    runs_of = study.plan(chosen, [1], budgets, tuning)
+    assert study.sparse(chosen, runs_of, budgets) == []  # 16 iterations: 17 evaluations; claim 7: 9 shared every 32 steps
+    run7 = runs_of[7, study.claims()[7].arms[3][0]][0]  # B = 512: 8 iterations of 32 steps, evaluated at each
+    assert run7.iterations == 8 and study.evaluation_iterations(run7) == list(range(9)) and budgets["min_length"]["steps"] == 256
+    run64 = runs_of[7, study.claims()[7].arms[0][0]][0]
+    assert run64.iterations == 64 and len(study.evaluation_iterations(run64)) == 33
+    short = runs_of[5, study.arm_of("ppo", "bandit_r2")][0]  # claim 5 only: 16 iterations, evaluated at each
+    full = runs_of[4, study.arm_of("dpo", "bandit_r1")][0]  # claims 3 and 4 share it: the full length, every 5 after 16
+    assert short.iterations == 16 and study.evaluation_iterations(short) == list(range(17))
+    assert full.iterations == 100 and study.evaluation_iterations(full)[15:19] == [15, 16, 20, 25] and len(study.evaluation_iterations(full)) == 34
+    shorter = study.budgets_for(study.TASKS, fake_tuning(study, tmp_path / "short.json", study.PAPER_METHODS, budget=512), False, None)
+    assert (5, "ppo", "bandit_r2", 9) in study.sparse(chosen, study.plan(chosen, [1], shorter, tuning), shorter)  # 8 iterations: 9
+
+
+# ------------------------------------------------------------------------------------- the tuning, on hand-made curves
+def tuning_rows(run):
+    """A tuning run on min_length (pi_ref -28) whose normalised gold rises as q (1 - exp(-i / 5)), q peaking at lr 2e-3 and,
+    for grpo, at beta 0.013. Two collapses (EOS rate 0.1 from iteration 20): lr 1e-2 at seed 101, so its later seeds never
+    run, and lr 1.5e-3 (a refined rate, the best on its first two seeds) at seed 103 only, so it cannot win."""
+    opts = dict(run.options)
+    lr, beta = float(opts["learning-rate"]), float(opts.get("beta", 0.013))
+    q = math.exp(-((math.log10(lr) - math.log10(2e-3)) ** 2) / 0.5) * math.exp(-((math.log10(beta) - math.log10(0.013)) ** 2) / 8)
+    q *= 1 + 0.01 * (run.seed - 102)
+    broken = (lr == 1e-2 and run.seed == 101) or (lr == 1.5e-3 and run.seed == 103)
+    return [{"iteration": i, "samples": 64 * i, "eval/gold_reward": -28.0 * (1 - q * (1 - math.exp(-i / 5))),
+             "eval/eos_rate": 0.1 if broken and i >= 20 else 0.99, "eval/kl_ref": float(i)} for i in range(run.iterations + 1)]
+
+
+def fake_executor(study, rows_of):
+    """Launcher.execute without a subprocess: hand-made rows, done.json as the launcher writes it (skip, and the stop at a
+    collapse, included)."""
+
+    def execute(self, run):
+        if self.skip(run):
+            return None
+        rows = rows_of(run)
+        c = study.collapse(rows, run.arm.task)
+        stopped = {}
+        if self.stop_on_collapse and c["collapsed"]:
+            rows, stopped = [r for r in rows if r["iteration"] <= c["collapse_iteration"]], {"stopped_at": c["collapse_iteration"]}
+        write_run(self.out, run, rows, {"wall_s": 1.0, **c, **stopped})
+        return None
+
+    return execute
+
+
+def test_tuning_on_hand_made_curves_extends_refines_prunes_and_never_picks_a_collapse(study, tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "prebuild", lambda tasks, world=0: {})
+    monkeypatch.setattr(study.Launcher, "execute", fake_executor(study, tuning_rows))
+    args = study.Args(tune=True, tune_scripts=["dpo", "grpo"], tune_tasks=["min_length"], tune_rates=[3e-4, 1e-3], workers=2,
+                      out=str(tmp_path), tuning=str(tmp_path / "not_written.json"))
+    result = study.main(args)
+    dpo, grpo = result["scripts"]["dpo"]["min_length"], result["scripts"]["grpo"]["min_length"]
+    # 1e-3 wins at the top of {3e-4, 1e-3}: 3e-3 joins and wins at the top, 1e-2 joins and collapses at seed 101 (not run on
+    # 103): 3e-3 is interior. The refinement adds 1.5e-3 and 6e-3; 1.5e-3, the best on seeds 101 and 102, collapses at
+    # seed 103 and cannot win. 3e-4's two areas could not reach the winner's median: its seed 103 never ran
+    assert list(dpo["scores"]) == ["0.0003", "0.001", "0.0015", "0.003", "0.006", "0.01"] and result["rounds"] == 3
+    assert dpo["learning_rate"] == 3e-3 and dpo["refined"] == [1.5e-3, 6e-3] and not dpo["edge"] and not dpo["at_limit"] and dpo["stable"]
+    assert dpo["collapsed"]["0.0015"] == [False, False, True] and dpo["scores"]["0.0015"] is None
+    # (seed 102 of 1e-2 may start beside seed 101 at two workers; it is never started once 101 has collapsed)
+    assert dpo["collapsed"]["0.01"][0] is True and dpo["collapsed"]["0.01"][2] is None and dpo["areas"]["0.01"] == [None, None, None]
+    assert dpo["areas"]["0.0003"][2] is None and dpo["areas"]["0.0003"][0] is not None and dpo["scores"]["0.0003"] is None
+    assert dpo["scores"]["0.003"] == pytest.approx(np.median(dpo["areas"]["0.003"])) and dpo["scores"]["0.003"] > max(dpo["areas"]["0.006"][:2])
+    assert result["runs_stopped_at_collapse"] == 4 and result["edges_left"] == 0 and not result["capped"]
+    # grpo's knob at its winning rate: 0.013 wins at the bottom of {0.013, 0.04, 0.13}, 0.004 joins, then 0.0065 and 0.026
+    assert grpo["learning_rate"] == 3e-3 and grpo["beta"] == 0.013 and grpo["beta_untuned"] == 0.04 and not grpo["beta_edge"]
+    assert list(grpo["beta_scores"]) == ["0.004", "0.0065", "0.013", "0.026", "0.04", "0.13"] and grpo["beta_refined"] == [0.0065, 0.026]
+    assert grpo["beta_areas"]["0.04"] == grpo["areas"]["0.003"]  # the rate sweep's runs, at the untuned beta
+    # the budget: twice the median method's median reach of 90%, rounded up to a whole iteration, at least 16 iterations
+    b = result["budgets"]["min_length"]
+    assert set(b["reach90"]) == {"dpo", "grpo"} and b["trace"][0] == 3840 and b["trace"][-1] == b["samples"]
+    assert b["samples"] == max(1024, math.ceil(2 * np.median(list(b["reach90"].values())) / 64) * 64) and 1024 < b["samples"] < 3840
+    assert json.loads((tmp_path / "tune" / "tuning.json").read_text()) == result and not (tmp_path / "not_written.json").exists()
+    # an emergency cap leaves an edge, and says so
+    capped = study.main(study.Args(**{**vars(args), "tune_rounds": 1, "out": str(tmp_path / "capped")}))
+    entry = capped["scripts"]["dpo"]["min_length"]
+    assert entry["capped"] and entry["edge"] and entry["learning_rate"] == 2e-3 and capped["capped"] == ["dpo on min_length", "grpo on min_length"]
+    study.print_tuning(result)  # prints the TASK_DEFAULTS rows it implies
+    # a partial tuning (a new script, here dpo alone) keeps a protocol-2 file's budgets and, with --tune-merge, joins it
+    (tmp_path / "tuning.json").write_text(json.dumps(result | {"budgets": {"min_length": {"samples": 2048, "steps": 256}}}))
+    part = study.main(study.Args(**{**vars(args), "tune_scripts": ["dpo"], "tuning": str(tmp_path / "tuning.json"), "tune_merge": True,
+                                    "out": str(tmp_path / "part")}))
+    assert part["budgets"]["min_length"]["samples"] == 2048 and part["budgets"]["min_length"]["trace"] == [2048]
+    merged = json.loads((tmp_path / "tuning.json").read_text())
+    assert merged["scripts"]["dpo"]["min_length"] == part["scripts"]["dpo"]["min_length"] and "grpo" in merged["scripts"]
+
+
+def test_tuning_dry_run_counts_and_costs(study, capsys):
+    assert study.main(study.Args(tune=True, dry_run=True, workers=2)) is None
+    out = capsys.readouterr().out
+    assert "70 learning-rate grids, seeds [101, 102, 103]" in out and "expected in all: about" in out and "per knob grid (20)" in out
+    assert study.main(study.Args(dry_run=True, workers=2)) is None  # the study, under the two budget scenarios of an issue-19 tuning
+    out = capsys.readouterr().out
+    assert out.count("in all: about") == 2 and "world 1: claims [1, 2, 3, 5], seeds [1, 2, 3]" in out
 
 
 # ------------------------------------------------------------------------------------- the real pipeline
 def test_a_tiny_tuning_runs_the_real_scripts_and_writes_its_result(study, tmp_path):
-    # two rates at the limits (extending the grid is test_the_tuning_grid_extends_past_edge_winners_within_limits's), grpo's KL strength
-    args = study.Args(tune=True, tune_scripts=["dpo", "grpo"], tune_tasks=["bandit_r1"], tuning_seeds=[101], tune_rates=[1e-3, 3e-3],
-                      tune_limits=(1e-3, 3e-3), max_iterations=2, workers=2, out=str(tmp_path), tuning=str(tmp_path / "not_written.json"))
+    # one rate held at the limits (the rules are test_tuning_on_hand_made_curves_...'s); grpo's knob on {0.04, 0.13} and its refinement
+    args = study.Args(tune=True, tune_scripts=["dpo", "grpo"], tune_tasks=["bandit_r1"], tuning_seeds=[101], tune_rates=[1e-3],
+                      tune_limits=(1e-3, 1e-3), tune_knob_limits=(0.04, 0.13), max_iterations=2, workers=2, out=str(tmp_path),
+                      tuning=str(tmp_path / "not_written.json"))
     result = study.main(args)
     assert not (tmp_path / "not_written.json").exists()  # a partial tuning stays under OUT/tune
     assert json.loads((tmp_path / "tune" / "tuning.json").read_text()) == json.loads(json.dumps(result))
     for m in ("dpo", "grpo"):
         e = result["scripts"][m]["bandit_r1"]
-        assert e["learning_rate"] in (1e-3, 3e-3) and set(e["scores"]) == {"0.001", "0.003"} and all(math.isfinite(s) for s in e["scores"].values())
-        assert e["scores"][f"{e['learning_rate']:g}"] == max(e["scores"].values()) and e["edge"]  # the winner sits at a limit: flagged
-    assert set(result["scripts"]["grpo"]["bandit_r1"]["beta_scores"]) == {"0.013", "0.04", "0.13"}  # KL strength at the winning rate
+        assert e["learning_rate"] == 1e-3 and list(e["scores"]) == ["0.001"] and math.isfinite(e["scores"]["0.001"])
+        assert e["at_limit"] and not e["edge"] and e["refined"] == []  # x2 and /2 lie outside the limits
+    g = result["scripts"]["grpo"]["bandit_r1"]
+    assert set(g["beta_scores"]) == {"0.04", "0.13", "0.08" if g["beta"] == 0.04 else "0.065"} and g["beta"] in (0.04, 0.13, 0.08, 0.065)
+    done = json.loads(next((tmp_path / "tune").glob("bandit_r1__grpo__*__s101/done.json")).read_text())
+    assert done["collapsed"] is False and done["collapse_iteration"] is None and "worst_normalised" in done  # every run records it
     b = result["budgets"]["bandit_r1"]
-    assert b["samples"] <= 128 and b["samples"] % 64 == 0 and b["steps"] % 32 == 0  # capped runs: at most 2 iterations of 64
+    assert b["samples"] == 128 and b["steps"] == 256  # capped runs: 2 iterations of 64; claim 7's 256 gradient steps
 
 
 def test_quick_study_runs_its_pipeline_end_to_end_and_resumes(study, tmp_path, monkeypatch):
@@ -290,14 +567,23 @@ def test_quick_study_runs_its_pipeline_end_to_end_and_resumes(study, tmp_path, m
     assert [len(s["checks"]) for s in summary] == [2, 2, 4] and all(s["verdict"] in ("HOLDS", "DOES NOT HOLD", "INCONCLUSIVE") for s in summary)
     assert all((tmp_path / "fig" / f"claim{n}.png").exists() for n in (4, 8, 9))
     assert len(list((tmp_path / "out").glob("*/done.json"))) == 8  # 7 runs and the toy: dpo on min_length serves claims 4 and 9
-    assert study.validate_report(json.loads((tmp_path / "out" / "report.json").read_text())) == []
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert study.validate_report(report) == [] and report["world_seeds"] == [0]  # --quick: the main world only
+    assert set(report["worlds"]["0"]["fingerprints"]) == {"bandit_r1", "min_length", "skew_length"}  # read from tasks/ (None before issue 27)
     monkeypatch.setattr(study.Launcher, "execute", lambda self, run: pytest.fail(f"{run.key} ran again"))
     assert [s["checks"] for s in study.main(args)] == [s["checks"] for s in summary]  # resumed: nothing rerun, the same result
 
 
-def test_the_committed_report_passes_its_schema_and_covers_every_claim(study):
-    """benchmarks/figures/report.json, from the final study run (issue 19): its verdicts follow from its checks."""
-    report = json.loads((ROOT / "benchmarks" / "figures" / "report.json").read_text())
-    assert study.validate_report(report) == []
-    assert sorted(report["claims"], key=int) == [str(n) for n in range(1, 10)] and report["seeds"] == [1, 2, 3, 4, 5]
-    assert not set(report["seeds"]) & set(report["tuning_seeds"])  # tuned on seeds it does not report
+def test_stability_runs_a_script_at_its_defaults_on_each_seed_and_counts_collapses(tmp_path, capsys):
+    stability = load_script("stability", "benchmarks")
+    rows = stability.main(stability.parse(["--script", "reinforce", "--task", "bandit_r1", "--seeds", "1-2", "--workers", "2",
+                                           "--out", str(tmp_path), "--", "--num-iterations", "2"]))
+    assert [r["seed"] for r in rows] == [1, 2] and all(r["collapsed"] is False and r["final_gold"] > 0 for r in rows)
+    assert all(set(r) >= {"collapse_iteration", "worst_normalised", "max_kl", "min_eos"} for r in rows)
+    out = capsys.readouterr().out
+    assert "0 of 2 collapsed" in out and "reinforce on bandit_r1" in out
+    (d,) = [p for p in tmp_path.iterdir() if p.name.endswith("__s1")]
+    assert d.name == "bandit_r1__reinforce__num-iterations=2__s1" and json.loads((d / "done.json").read_text())["collapsed"] is False
+    assert stability.seeds_of(["1-3", "7", "9,10"]) == [1, 2, 3, 7, 9, 10]
+    with pytest.raises(SystemExit, match="declares no STUDY"):
+        stability.main(stability.parse(["--script", "sft", "--task", "bandit_r1"]))
