@@ -142,7 +142,7 @@ TASK_DEFAULTS = {
 # how benchmarks/study.py and the tests run this script (docs/fork.md): a fork edits these three lines, nothing elsewhere
 STUDY = dict(
     responses_per_row=lambda args: 1 if args.unpaired else 2,  # what `samples` counts per row of B: both responses of a pair, or one
-    variants=[],  # switches that make a method of their own, tuned and reported on their own
+    variants=["unpaired"],  # switches that make a method of their own, tuned and reported on their own
     knob=None,  # a strength the tuning sweeps beside the rate: (Args field, its untuned value), or None
 )
 
