@@ -71,6 +71,11 @@ def cases():
         ("dpo", "--resume {d}/runs/missing", "no run with a checkpoint there"),
         ("dpo", "--resume {d}/runs/a_run --num-iterations 5", "--num-iterations 5 differs from the run's 10"),
         ("dpo", "--beta 0", "--beta must be > 0, got 0.0"),
+        ("simpo", "--beta 0", "--beta must be > 0, got 0.0"),  # the forks' knobs (docs/fork.md)
+        ("simpo", "--gamma -1", "--gamma must be >= 0, got -1.0"),
+        ("orpo", "--lam -0.5", "--lam must be >= 0, got -0.5"),
+        ("kto", "--beta 0", "--beta must be > 0, got 0.0"),
+        ("kto", "--undesirable-weight 0", "--desirable-weight and --undesirable-weight must be > 0, got 1.0 and 0.0"),
         ("online_dpo", "--num-completions 1", "--num-completions must be >= 2 to form a pair, got 1"),
         ("online_dpo", "--num-completions 0", "--batch-size / --num-completions: sizes must be >= 1, got 64 and 0"),
         ("online_dpo", "--missing-eos-penalty -1", "--reward-gap-threshold and --missing-eos-penalty must be >= 0"),

@@ -38,7 +38,7 @@ def assert_rows_close(two, one, rel=1e-4):
                 assert a[k] == pytest.approx(b[k], rel=rel, abs=1e-5), (a["iteration"], k)
 
 
-@pytest.mark.parametrize("script", ["dpo", "online_dpo"])
+@pytest.mark.parametrize("script", ["dpo", "online_dpo", "simpo", "orpo", "kto"])  # the forks (docs/fork.md) as their siblings
 def test_two_processes_match_one(script, tmp_path):
     """Same global B, M and seed: the same train/loss sequence (and every other metric) on 2 processes as on 1.
     online_dpo: every rank draws the uniforms of the whole batch and samples its share of the rows, in lockstep, so
@@ -93,7 +93,7 @@ def run_killed(script, tmp_path, *args):
     assert out.returncode == 9, out.stderr[-3000:]
 
 
-@pytest.mark.parametrize("script", ["dpo", "online_dpo", "ppo"])
+@pytest.mark.parametrize("script", ["dpo", "online_dpo", "ppo", "simpo", "orpo", "kto"])
 def test_resume_after_a_kill_equals_an_uninterrupted_run(script, tmp_path):
     """A run killed while saving its second checkpoint (iteration 8; rows up to 7 written) is resumed from the first
     (iteration 4): rows 5-7 are dropped and recomputed, and every metric equals the uninterrupted run's

@@ -1,0 +1,310 @@
+"""ORPO (offline): Pref-FT's maximum likelihood on y_w plus an odds-ratio term that pushes y_l down; no reference model.
+
+    loss = -(1 / |y_w|) * log pi(y_w|x) - lam * log sigmoid(log odds(y_w|x) - log odds(y_l|x)),   odds(y|x) = p / (1 - p),
+    p = exp((1 / |y|) * log pi(y|x)): the exponentiated mean token log-prob (log(1 - p) computed stably, log1mexp)
+
+Hong, Lee, Thorne 2024 ("ORPO: Monolithic Preference Optimization without Reference Model", arXiv 2403.07691), eqs. 6-7,
+forked from pref_ft.py (docs/fork.md). Axes: on-policy sampling NO, sample reuse YES
+(the pairs come back every epoch of the dataset; `--update-epochs` T > 1 reuses each batch),
+negative gradient YES (the odds ratio). The loss never reads pi_ref: its log-probs, computed once before training, only
+scale the logged implicit rewards beta * (log pi - log pi_ref), as in pref_ft.py (claim 4's margin; TRL logs lam * mean
+log-prob instead); `train/log_odds` is the log odds ratio. `diff algos/pref_ft.py algos/orpo.py` is the odds-ratio term.
+
+Log-probs are sequence sums over response tokens (EOS included, pads never), scored at the sampling temperature, and
+divided by the token counts for the loss. Deviation from TRL's ORPOTrainer: its NLL (decoder-only models) is a token mean
+over the prompt and response tokens of the microbatch; here, as in the paper's eq. 2, a mean over each response's
+tokens, then over pairs. Default lam 0.1, the paper's (TRL's beta).
+
+    python algos/orpo.py --task skew_length
+    python algos/orpo.py --task bandit_r1 --lam 0.5 --update-epochs 2
+"""
+
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import exact_div, generate, pad_rows, response_logprobs  # noqa: E402
+from common import all_reduce_mean, open_metrics, resume, save_checkpoint, shard, start_run, user_errors, wrap  # noqa: E402
+from tasks import TaskName, make_task  # noqa: E402
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    cuda: bool = False
+    """run on CUDA (falls back to CPU with a warning when there is none)"""
+    fsdp: bool = False
+    """under torchrun: shard the policy and pi_ref with FSDP2 (fully_shard) instead of DDP (docs/scaling.md)"""
+    bf16: bool = False
+    """forward passes under bf16 autocast (fp32 weights and Adam state); for CUDA"""
+    resume: Optional[str] = None
+    """continue the run runs/<run> from its latest checkpoint (saved by --save-model); its args.json gives every other argument
+    (a flag given as well must agree with it, but --num-iterations may grow and --threads and --track may change)"""
+    compile: bool = False
+    """sample with a static KV cache and a compiled decode step (torch.compile; CUDA graphs on a GPU; compiles on first use)"""
+    threads: int = 1
+    """torch CPU threads (2 threads on a busy 2-core machine are far slower than 1)"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "cleanpref"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
+    task: TaskName = "skew_length"
+    """the task (tasks/): its reference policy, prompts, preference data and rewards"""
+    model: Optional[str] = None
+    """replace the task's reference policy with this Hugging Face causal LM (local path or hub id)"""
+    prompts: Optional[str] = None
+    """replace the task's prompts with this dataset (`prompt`, or AlpacaFarm's `instruction` and `input`):
+    a .json/.jsonl file, a `save_to_disk` directory, or a hub `id[:config][@split]`"""
+    dataset: Optional[str] = None
+    """replace the task's preference pairs (offline scripts) and train prompts (on-policy scripts) with this dataset: `prompt`,
+    `chosen`, `rejected` as text or chat messages (UltraFeedback binarized), or AlpacaFarm's pairs (tasks/preferences.py)"""
+    reward_model: Optional[str] = None
+    """replace the task's proxy reward with this Hugging Face sequence classifier (one output; local path or hub id)"""
+    gold_reward_model: Optional[str] = None
+    """replace the task's gold reward (eval/gold_reward) with this Hugging Face sequence classifier"""
+    max_prompt_length: Optional[int] = None
+    """--dataset rows: a longer prompt keeps its last this many tokens"""
+    max_length: Optional[int] = None
+    """--dataset rows: prompt + response tokens at most (a longer response is cut and loses its EOS)"""
+    save_model: bool = False
+    """save the policy to runs/{run_name}/model at every evaluation (the last one is the final policy)"""
+    eval_every: int = 10
+    """evaluate on held-out prompts every this many iterations (and at 0 and the end)"""
+    eval_dense_every: int = 2
+    """up to iteration --eval-dense-until, evaluate every this many iterations instead (where learning curves move)"""
+    eval_dense_until: int = 0
+    """the end of that denser start (0: none; the study passes 30)"""
+    num_eval_prompts: int = 128
+    """held-out prompts per evaluation"""
+
+    # Algorithm 1 (docs/paper.md section 2)
+    num_iterations: Optional[int] = None
+    """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
+    batch_size: int = 32
+    """B, preference pairs per iteration (`samples` counts responses read: 2 per pair)"""
+    minibatch_size: int = 16
+    """M, samples per gradient step"""
+    update_epochs: int = 1
+    """T, passes over each batch (sample reuse)"""
+    learning_rate: Optional[float] = None
+    """Adam learning rate; default per task, see TASK_DEFAULTS"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+
+    # Algorithm specific arguments
+    beta: float = 0.1
+    """scale of the logged implicit rewards beta * (log pi - log pi_ref), as in dpo.py (not in the loss)"""
+    lam: float = 0.1
+    """lambda, the weight of the odds-ratio term (TRL's beta; 0 leaves pref_ft.py's loss)"""
+
+    # to be filled in runtime (not flags; recorded in args.json)
+    num_minibatches: tyro.conf.Suppress[int] = 0
+    """B / M"""
+    world_size: tyro.conf.Suppress[int] = 1
+    """processes (torchrun); B and M are global: each process trains on its share of every minibatch"""
+
+
+# tuned on each embedded task by the fork's own sweep (seeds 101 102, full length; docs/fork.md, section 6), not yet by study.py;
+# a value given on the command line wins
+TASK_DEFAULTS = {
+    "bandit_r1": dict(num_iterations=100, learning_rate=3e-3),
+    "bandit_r2": dict(num_iterations=100, learning_rate=3e-2),
+    "min_length": dict(num_iterations=60, learning_rate=1e-3),
+    "mode_length": dict(num_iterations=60, learning_rate=3e-4),
+    "skew_length": dict(num_iterations=60, learning_rate=3e-3),
+}
+
+# how benchmarks/study.py and the tests run this script (docs/fork.md): a fork edits these three lines, nothing elsewhere
+STUDY = dict(
+    responses_per_row=lambda args: 2,  # what `samples` counts per row of B: a preference pair is two responses
+    variants=[],  # switches that make a method of their own, tuned and reported on their own
+    knob=None,  # a strength the tuning sweeps beside the rate: (Args field, its untuned value), or None
+)
+
+
+def pref_ft_loss(policy_chosen_logps, chosen_lengths):
+    """Per-pair token-mean NLL of the chosen response: [P] summed log-probs, [P] token counts -> [P]."""
+    return -policy_chosen_logps / chosen_lengths.clamp(min=1)
+
+
+def orpo_loss(chosen_avg_logps, rejected_avg_logps, chosen_nll, lam):
+    """Per-pair ORPO losses from mean token log-probs a and the chosen NLL, all [P] -> (losses, log_odds detached), [P] each."""
+    log_odds = (chosen_avg_logps - rejected_avg_logps) - (log1mexp(chosen_avg_logps) - log1mexp(rejected_avg_logps))  # log odds = a - log(1 - e^a)
+    losses = chosen_nll - lam * torch.nn.functional.logsigmoid(log_odds)  # eqs. 6-7: L_SFT + lam * L_OR
+    return losses, log_odds.detach()
+
+
+def log1mexp(x):
+    """log(1 - exp(x)) for x < 0, stable at both ends (Maechler 2012); the clamp keeps torch.where's unused branch NaN-free."""
+    return torch.where(x > -np.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x.clamp(max=-np.log(2)))))
+
+
+def sequence_logprobs(model, task, queries, chosen, rejected):
+    """Summed response log-probs of chosen and rejected in one forward pass -> ([P], [P]), and their token counts ([P], [P])."""
+    width = max(chosen.shape[1], rejected.shape[1])  # right-pad both to one width
+    chosen, rejected = (torch.nn.functional.pad(y, (0, width - y.shape[1]), value=task.pad_token_id) for y in (chosen, rejected))
+    logps, mask = response_logprobs(model, torch.cat([queries, queries]), torch.cat([chosen, rejected]),
+                                    task.pad_token_id, task.eos_token_id, task.temperature)
+    return *logps.sum(1).chunk(2), *mask.sum(1).clamp(min=1).chunk(2)
+
+
+@torch.no_grad()
+def evaluate(policy, ref_policy, task, prompts, seed, compile=False):
+    """Sample one response per held-out prompt; gold/proxy reward, length, EOS rate, MC KL(pi || pi_ref)."""
+    queries = pad_rows(prompts, task.pad_token_id, left=True, device=task.device)
+    generator = torch.Generator(task.device).manual_seed(seed)  # the same draws at every evaluation
+    responses, logps = generate(policy, queries, task.pad_token_id, task.eos_token_id, task.max_new_tokens, task.temperature, generator,
+                                compile)
+    ref_logps, mask = response_logprobs(ref_policy, queries, responses, task.pad_token_id, task.eos_token_id, task.temperature)
+    ended = (responses == task.eos_token_id).any(1) if task.eos_token_id is not None else torch.ones_like(mask[:, 0])
+    gold, proxy = task.gold_reward(queries, responses), task.proxy_reward(queries, responses)
+    metrics = {"eval/gold_reward": gold.mean().item(), "eval/proxy_reward": proxy.mean().item(),
+               "eval/response_length": (mask.sum(1) - ended.long() * (task.eos_token_id is not None)).float().mean().item(),
+               "eval/eos_rate": ended.float().mean().item(), "eval/kl_ref": (logps - ref_logps).sum(1).mean().item()}
+    table = [(task.decode(q), task.decode(r), g, p) for q, r, g, p in zip(prompts[:3], responses[:3].tolist(), gold.tolist(), proxy.tolist())]
+    return metrics, table
+
+
+def main(args: Args):
+    run_name, run_dir = start_run(args, f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}")  # --resume, torchrun, checks
+    for k, v in TASK_DEFAULTS.get(args.task, {}).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.num_iterations is None or args.learning_rate is None:  # the real tasks have no tuned defaults
+        raise SystemExit(f"--task {args.task} has no tuned defaults: pass --num-iterations and --learning-rate")
+    args.num_minibatches = exact_div(args.batch_size, args.minibatch_size, "--batch-size / --minibatch-size")
+    if not args.lam >= 0:
+        raise SystemExit(f"--lam must be >= 0, got {args.lam}")
+    if not args.beta > 0:
+        raise SystemExit(f"--beta must be > 0, got {args.beta}")
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, save_code=True)
+    print(f"run {run_name}: {json.dumps(asdict(args))}")
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.threads)
+    if args.cuda and not torch.cuda.is_available():
+        print("warning: --cuda given but no CUDA device is available; running on CPU")
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+    task = make_task(args.task, device, args.model, args.prompts, args.dataset, args.reward_model, args.gold_reward_model,
+                     args.max_prompt_length, args.max_length)
+    if len(task.preference_data) < args.batch_size:  # each iteration draws B distinct pairs of the fixed dataset
+        raise SystemExit(f"--batch-size {args.batch_size}: the task has {len(task.preference_data)} preference pairs; pass at most that, or more pairs")
+    policy = task.load_policy()
+    ref_policy = task.load_policy().requires_grad_(False)  # frozen pi_ref
+    policy, ref_policy = wrap(policy, args), wrap(ref_policy, args)  # under torchrun: DDP (or FSDP2); --bf16: autocast
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
+    eval_prompts = task.eval_prompts[: args.num_eval_prompts]
+    metrics_file = open_metrics(run_dir, args)  # rank 0 writes; --resume appends
+    start, samples_seen = time.time(), 0
+
+    def log(iteration, metrics):
+        """Write one row of metrics; at iteration 0, on the eval schedule and the last, evaluate (and checkpoint) first."""
+        table, metrics = None, all_reduce_mean(metrics)  # training statistics: the mean over ranks
+        every = args.eval_dense_every if iteration <= args.eval_dense_until else args.eval_every
+        if iteration % every == 0 or iteration == args.num_iterations:
+            eval_metrics, table = evaluate(policy, ref_policy, task, eval_prompts, args.seed, args.compile)
+            metrics = {**metrics, **eval_metrics}
+        row = {"iteration": iteration, "samples": samples_seen, "time_s": round(time.time() - start, 3), **metrics}
+        if args.save_model and table is not None and iteration > 0:  # a killed run keeps its latest evaluated policy; --resume goes on
+            save_checkpoint(run_dir, policy, optimizer, task.tokenizer, row, resumable())
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        if args.track:
+            wandb.log(row, step=samples_seen)
+        if table:
+            print(f"iter {iteration:4d} samples {samples_seen:6d} " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("eval/")))
+            for prompt, response, gold, proxy in table:
+                print(f"    gold {gold:7.3f} proxy {proxy:7.3f} | {prompt} -> {response[:100]}")
+
+    # ALGO LOGIC: the fixed offline pairs, with reference log-probs computed once
+    data = task.preference_data
+    with torch.no_grad():
+        ref_logps = []
+        for s in range(0, len(data), 64):
+            rows = data[s : s + 64]
+            q = pad_rows(rows["prompt_ids"], task.pad_token_id, left=True, device=device)
+            c = pad_rows(rows["chosen_ids"], task.pad_token_id, left=False, device=device)
+            r = pad_rows(rows["rejected_ids"], task.pad_token_id, left=False, device=device)
+            ref_logps.append(torch.stack(sequence_logprobs(ref_policy, task, q, c, r)[:2], 1))
+        ref_logps = torch.cat(ref_logps)  # [N, 2]: chosen, rejected
+    order, cursor = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed)), 0
+
+    def resumable():  # the run's state beyond the policy, its optimizer and the RNGs: what --resume restores (common.py)
+        return dict(samples_seen=samples_seen, elapsed=time.time() - start, order=order, cursor=cursor)
+
+    first, (samples_seen, elapsed, order, cursor) = resume(args, run_dir, policy, optimizer, resumable())
+    start = time.time() - elapsed
+    if first == 1:
+        log(0, {})
+    for iteration in range(first, args.num_iterations + 1):
+        # ALGO LOGIC: draw B pairs from the fixed dataset (a fresh shuffle after each pass)
+        if cursor + args.batch_size > len(data):
+            order, cursor = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed + iteration)), 0
+        batch, cursor = order[cursor : cursor + args.batch_size], cursor + args.batch_size
+        rows = data[batch.tolist()]
+        queries = pad_rows(rows["prompt_ids"], task.pad_token_id, left=True, device=device)
+        chosen = pad_rows(rows["chosen_ids"], task.pad_token_id, left=False, device=device)
+        rejected = pad_rows(rows["rejected_ids"], task.pad_token_id, left=False, device=device)
+        batch_ref = ref_logps[batch.to(device)]
+        n_pairs = len(batch)
+        samples_seen += 2 * n_pairs  # responses read: a pair is two
+
+        # ALGO LOGIC: T passes of minibatch gradient steps over the batch
+        stats = []
+        for epoch in range(args.update_epochs):
+            perm = torch.randperm(n_pairs)
+            for mb in perm.chunk(args.num_minibatches):
+                mb, scale = shard(mb)  # this rank's share of the global minibatch (common.py)
+                chosen_logps, rejected_logps, chosen_lengths, rejected_lengths = sequence_logprobs(policy, task, queries[mb], chosen[mb], rejected[mb])
+                losses, log_odds = orpo_loss(chosen_logps / chosen_lengths, rejected_logps / rejected_lengths,
+                                             pref_ft_loss(chosen_logps, chosen_lengths), args.lam)  # the NLL term is pref_ft.py's loss
+                chosen_rewards = args.beta * (chosen_logps - batch_ref[mb, 0]).detach()
+                rejected_rewards = args.beta * (rejected_logps - batch_ref[mb, 1]).detach()
+                loss = losses.mean()
+                loss = loss * scale  # DDP averages gradients over ranks: that average is the gradient of the global minibatch mean
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                optimizer.step()
+                stats.append([loss.item(), chosen_logps.mean().item(), rejected_logps.mean().item(),
+                              (chosen_rewards - rejected_rewards).mean().item(), (chosen_rewards > rejected_rewards).float().mean().item(),
+                              chosen_rewards.mean().item(), rejected_rewards.mean().item(), grad_norm.item(), log_odds.mean().item()])
+        s = np.mean(stats, axis=0)
+        metrics = dict(zip(["train/loss", "logps/chosen", "logps/rejected", "rewards/margins", "rewards/accuracies",
+                            "rewards/chosen", "rewards/rejected", "train/grad_norm", "train/log_odds"], s.tolist()))
+        log(iteration, metrics)
+
+    metrics_file.close()
+    if args.track:
+        wandb.finish()
+    print(f"done in {time.time() - start:.0f}s: runs/{run_name}")
+
+
+if __name__ == "__main__":
+    with user_errors():  # a bad argument or input: one line on stderr, exit code 2 (common.py)
+        main(tyro.cli(Args))
