@@ -94,7 +94,7 @@ class Args:
 
     # Algorithm 1 (docs/paper.md section 2)
     num_iterations: Optional[int] = None
-    """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS"""
+    """I, iterations (collections of B samples); default per task, see TASK_DEFAULTS at the top of --help"""
     batch_size: int = 32
     """B, preference pairs per iteration (`samples` counts responses read: 2 per pair)"""
     minibatch_size: int = 16
@@ -102,7 +102,7 @@ class Args:
     update_epochs: int = 1
     """T, passes over each batch (sample reuse)"""
     learning_rate: Optional[float] = None
-    """Adam learning rate; default per task, see TASK_DEFAULTS"""
+    """Adam learning rate; default per task, see TASK_DEFAULTS at the top of --help"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
 
@@ -186,11 +186,6 @@ def main(args: Args):
         raise SystemExit(f"--beta must be > 0, got {args.beta}")
     if not args.gamma >= 0:
         raise SystemExit(f"--gamma must be >= 0, got {args.gamma}")
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, save_code=True)
-    print(f"run {run_name}: {json.dumps(asdict(args))}")
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -203,9 +198,14 @@ def main(args: Args):
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
     task = make_task(args.task, device, args.model, args.prompts, args.dataset, args.reward_model, args.gold_reward_model,
-                     args.max_prompt_length, args.max_length)
+                     args.max_prompt_length, args.max_length, min_pairs=args.batch_size)  # too few --dataset rows fail before the build
     if len(task.preference_data) < args.batch_size:  # each iteration draws B distinct pairs of the fixed dataset
         raise SystemExit(f"--batch-size {args.batch_size}: the task has {len(task.preference_data)} preference pairs; pass at most that, or more pairs")
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, save_code=True)
+    print(f"run {run_name}: {json.dumps(asdict(args))}")
     policy = task.load_policy()
     ref_policy = task.load_policy().requires_grad_(False)  # frozen pi_ref
     policy, ref_policy = wrap(policy, args), wrap(ref_policy, args)  # under torchrun: DDP (or FSDP2); --bf16: autocast
@@ -286,4 +286,5 @@ def main(args: Args):
 
 if __name__ == "__main__":
     with user_errors():  # a bad argument or input: one line on stderr, exit code 2 (common.py)
-        main(tyro.cli(Args))
+        defaults = "; ".join(f"{t}: " + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in d.items()) for t, d in TASK_DEFAULTS.items())
+        main(tyro.cli(Args, description=f"{__doc__.splitlines()[0]}\n\nPer-task defaults (TASK_DEFAULTS; a flag given wins): {defaults}"))
