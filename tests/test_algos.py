@@ -99,13 +99,17 @@ def test_sft_and_reward_model_scripts_train_a_local_model(local_pythia, tmp_path
     assert json.loads((tmp_path / "rm" / "model" / "config.json").read_text())["architectures"] == ["GPTNeoXForSequenceClassification"]
 
 
-def test_online_dpo_learns_skew_length(tmp_path):
-    _, rows = train("online_dpo", tmp_path, "skew_length", "--num-iterations", "20")
+def test_online_dpo_learns_skew_length_without_collapsing(tmp_path):
+    # issue 27: at the rate tuned before (3e-3), seed 1 of one machine's world stopped ending its responses by iteration 2
+    # (gold -24.5 -> -64, EOS rate 0, KL 497) and never recovered. Measured (seed 1, the defaults, lr 3e-4): gold -24.5 at
+    # iteration 0, -0.1 after 20 (EOS 1.0, KL 7.3), no evaluation below EOS 0.98; seeds 1-10 cover at least 91% of the room
+    # above pi_ref by iteration 20. A broken loss stays near pi_ref's gold or gets longer; a collapse drops EOS below 0.5
+    _, rows = train("online_dpo", tmp_path, "skew_length", "--num-iterations", "20", "--eval-every", "2")
     evals = [r for r in rows if "eval/gold_reward" in r]
-    # measured (seed 1, the tuned defaults): -22.9 at iteration 0, -1.0 after 20 iterations; a broken loss stays near -23 or
-    # gets longer
-    assert evals[0]["eval/gold_reward"] < -20 and evals[-1]["eval/gold_reward"] > -8
-    assert evals[-1]["eval/eos_rate"] > 0.95
+    gold0 = evals[0]["eval/gold_reward"]
+    room = [(r["eval/gold_reward"] - gold0) / -gold0 for r in evals]  # the share of the room above pi_ref (0: the empty response)
+    assert gold0 < -20 and room[-1] > 0.6 and evals[-1]["eval/eos_rate"] > 0.9, evals[-1]
+    assert min(room) > -1 and min(r["eval/eos_rate"] for r in evals) > 0.5, evals  # issue 27's collapse, at no evaluation
 
 
 def test_dpo_learns_bandit_r2(tmp_path):
