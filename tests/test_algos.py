@@ -172,3 +172,32 @@ def test_all_tied_batch_is_a_logged_skip(tmp_path):
                     "--reward-gap-threshold", "1e9", "--num-eval-prompts", "8")
     assert [r["train/pairs_kept"] for r in rows[1:3]] == [0.0, 0.0]
     assert EVAL_KEYS <= set(rows[2])  # a skipped last iteration is still evaluated: the run's result is never lost
+
+
+@pytest.mark.parametrize("script", ["online_dpo", "online_ipo", "best_of_n", "best_of_n_neg", "rwr"])  # every script that ranks C completions
+def test_no_pair_when_no_completion_ends(script, tmp_path, monkeypatch):
+    # issue 27: once a policy stopped ending its responses, all C completions of a prompt lacked EOS, the missing-EOS penalty
+    # cancelled out of their ranking, and the pair followed the proxy reward's score on 64-token loops it never saw (+4.5 on
+    # skew_length, the empty response's +5.3), which the policy then climbed at KL 500. Here pi_theta cannot emit EOS: no
+    # prompt gives a pair, and the policy stays where it was
+    module = load_script(script)
+    make_task = module.make_task
+
+    def never_ending(*args, **kwargs):
+        task = make_task(*args, **kwargs)
+        load_policy = task.load_policy
+
+        def load_without_eos():  # sampling's logits (generate calls the output head) with EOS at -inf
+            model = load_policy()
+            model.get_output_embeddings().register_forward_hook(lambda m, i, logits: logits.index_fill(-1, torch.tensor([task.eos_token_id]), -math.inf))
+            return model
+
+        task.load_policy = load_without_eos
+        return task
+
+    monkeypatch.setattr(module, "make_task", never_ending)
+    monkeypatch.chdir(tmp_path)
+    module.main(module.Args(task="min_length", num_iterations=2, batch_size=8, minibatch_size=4, num_eval_prompts=8, eval_every=1))
+    _, rows = metrics_of(tmp_path, script, "min_length")
+    assert [r["train/pairs_kept"] for r in rows[1:]] == [0.0, 0.0] and not any("train/loss" in r for r in rows), rows
+    assert rows[0]["eval/eos_rate"] == 0 and all(rows[2][k] == rows[0][k] for k in EVAL_KEYS)  # no step taken
