@@ -13,6 +13,11 @@ once from the frozen pi_ref (with the run's seed) before training, and reused: o
 sample reuse YES. Both modes draw B / C prompts per iteration and count their B completions in
 `samples` (offline: those from the one collection), so the two compare at equal budgets.
 
+Departure (issue 27): a prompt whose best completion never emits EOS is dropped, as a tie is. TRL's OnlineDPOTrainer only
+subtracts `--missing-eos-penalty`, which cancels when none of a prompt's C completions ends: the proxy's score on responses it
+never saw then picks the best (on skew_length 64-token loops score up to +4.5, near the empty response's +5.3), and a policy
+that had lost EOS climbed it to KL 500 and never recovered.
+
 Log-probs are sequence sums over response tokens (EOS included, pads never), scored at the sampling
 temperature. Deviation from the study: C = 4 completions per prompt, not its bandit's N = 10 (C must
 divide B = 64, and 4 keeps 16 prompts per iteration); its bandit sums log-probs, a fixed 9-token scale.
@@ -281,13 +286,15 @@ def main(args: Args):
             best, worst = scores.argmax(1), scores.argmin(1)
             keep = (scores.max(1).values - scores.min(1).values) > args.reward_gap_threshold
             responses = responses.view(args.num_prompts, args.num_completions, -1)
+            if task.eos_token_id is not None:  # a best that never ends is no example to follow: the reward model never saw one
+                keep &= (responses[torch.arange(args.num_prompts, device=device), best] == task.eos_token_id).any(1)
             rows = torch.arange(args.num_prompts, device=device)[keep]
             queries, completions, rewards = prompts[rows], responses[rows], scores[rows]  # [P, Lq], [P, C, L], [P, C]
             lengths = response_mask(completions.flatten(0, 1), task.pad_token_id, task.eos_token_id).sum(1).view(rewards.shape)
             rewards = (rewards - rewards.mean(1, keepdim=True)) / rewards.std(1, correction=0, keepdim=True).clamp(min=1e-8)  # A: z-scores
         n_pairs = len(rows)
         samples_seen += args.batch_size
-        if n_pairs == 0:  # every prompt's completions tied: nothing to learn from this batch
+        if n_pairs == 0:  # every prompt's completions tied or its best never ended: nothing to learn from this batch
             log(iteration, {"train/pairs_kept": 0.0, "objective/proxy_reward": scores.mean().item()})
             continue
 
