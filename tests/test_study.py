@@ -533,7 +533,10 @@ def test_tuning_on_hand_made_curves_extends_refines_prunes_and_never_picks_a_col
 def test_tuning_dry_run_counts_and_costs(study, capsys):
     assert study.main(study.Args(tune=True, dry_run=True, workers=2)) is None
     out = capsys.readouterr().out
-    assert "70 learning-rate grids, seeds [101, 102, 103]" in out and "expected in all: about" in out and "per knob grid (20)" in out
+    methods = len(study.methods_of(study.objective_scripts()))  # the paper's 14, and every fork's (with its variants)
+    knobs = sum(study.declaration(s)["knob"] is not None for s in study.objective_scripts())  # ppo, grpo, hypo, best_of_n_neg
+    assert f"{5 * methods} learning-rate grids, seeds [101, 102, 103]" in out and "expected in all: about" in out
+    assert f"per knob grid ({5 * knobs})" in out and methods >= 14 and knobs >= 4
     assert study.main(study.Args(dry_run=True, workers=2)) is None  # the study, under the two budget scenarios of an issue-19 tuning
     out = capsys.readouterr().out
     assert out.count("in all: about") == 2 and "world 1: claims [1, 2, 3, 5], seeds [1, 2, 3]" in out
