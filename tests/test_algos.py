@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import EVAL_KEYS, OBJECTIVES, ROOT, SMOKE_TASKS, TASKS, load_script, metrics_of, room, run, smoke, train
+from conftest import EVAL_KEYS, OBJECTIVES, ROOT, SMOKE_TASKS, TASKS, learns_without_collapsing, load_script, metrics_of, room, run, smoke, train
 from test_docs import documented_metrics
 
 SCRIPTS = ["pref_ft", "dpo", "online_dpo"]
@@ -113,11 +113,7 @@ def test_online_dpo_learns_skew_length_without_collapsing(tmp_path):
     # iteration 0, -0.1 after 20 (EOS 1.0, KL 7.3), no evaluation below EOS 0.98; seeds 1-10 cover at least 91% of the room
     # above pi_ref by iteration 20. A broken loss stays near pi_ref's gold or gets longer; a collapse drops EOS below 0.5
     _, rows = train("online_dpo", tmp_path, "skew_length", "--num-iterations", "20", "--eval-every", "2")
-    evals = [r for r in rows if "eval/gold_reward" in r]
-    gold_0, gained = room(rows, "skew_length")
-    assert gained > 0.6 and evals[-1]["eval/eos_rate"] > 0.9, evals[-1]
-    worst = min((r["eval/gold_reward"] - gold_0) / -gold_0 for r in evals)  # the lowest share of the room above pi_ref
-    assert worst > -1 and min(r["eval/eos_rate"] for r in evals) > 0.5, evals  # issue 27's collapse, at no evaluation
+    learns_without_collapsing(rows, "skew_length", gained=0.6)
 
 
 def test_dpo_learns_bandit_r2(tmp_path):
