@@ -226,3 +226,13 @@ def test_waiting_for_another_build_says_so(tmp_path, monkeypatch, capsys):
         lock.close()
     waiter.join(30)
     assert result == [final] and (final / "x").read_text() == "2"  # then builds it (the other process had not)
+
+
+@pytest.mark.parametrize("script", ["dpo", "ppo", "best_of_n"])
+def test_help_shows_the_per_task_defaults(script, tmp_path):
+    """The per-task defaults live in TASK_DEFAULTS; --help prints them (issue 29: it said only `default: None`)."""
+    out = run(script, tmp_path, "--help")
+    defaults = load_script(script).TASK_DEFAULTS
+    assert out.returncode == 0 and "Per-task defaults (TASK_DEFAULTS" in out.stdout
+    for task, values in defaults.items():
+        assert f"{task}: " + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in values.items()) in " ".join(out.stdout.split())
