@@ -162,6 +162,18 @@ def _saves_on_this_rank():
         PreTrainedModel.should_save_on_this_rank = rule
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """A build's floating-point sums depend on how torch splits them over threads, and the differences grow through its
+    training (2 threads built another pi_ref, with 1624 skew pairs instead of 1617): every build runs on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def cached(kind: str, recipe: dict, build: Callable[[Path], dict]) -> Path:
     """Directory of artifacts for `recipe`, built by build(tmp_dir) -> summary dict if absent or damaged.
 
@@ -196,8 +208,9 @@ def cached(kind: str, recipe: dict, build: Callable[[Path], dict]) -> Path:
         print(f"[cleanpref] building {kind} (first use: trains what it needs, then loads from {root})", flush=True)
         try:
             start = time.time()
-            # builds seed themselves (a run must not depend on whether its cache was warm) and save on whichever rank builds
-            with torch.random.fork_rng(), _saves_on_this_rank():
+            # builds seed themselves (a run must not depend on whether its cache was warm), run on one thread (the world must
+            # not depend on --threads) and save on whichever rank builds
+            with torch.random.fork_rng(), _one_thread(), _saves_on_this_rank():
                 summary = build(tmp)
             files = {str(p.relative_to(tmp)): _digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             (tmp / "manifest.json").write_text(json.dumps({"recipe": recipe, "summary": summary, "files": files}, indent=1))

@@ -174,6 +174,19 @@ def test_cache_loads_without_rebuilding_and_rebuilds_when_damaged(bandit, monkey
     assert len(calls) == 4
 
 
+def test_a_build_runs_on_one_thread_whatever_the_callers_count(monkeypatch, tmp_path):
+    """The world must not depend on --threads: 2 threads during the length build gave another pi_ref (1624 vs 1617 pairs)."""
+    monkeypatch.setenv("CLEANPREF_CACHE", str(tmp_path))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        cached("toy", {"v": 1}, lambda out: seen.append(torch.get_num_threads()) or {})
+        assert seen == [1] and torch.get_num_threads() == 2  # built on one thread, the caller's count restored
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_build_leaves_the_global_rng_alone(monkeypatch, tmp_path):
     # a run that builds its task (cold cache) must train exactly like one that loads it (warm cache)
     monkeypatch.setenv("CLEANPREF_CACHE", str(tmp_path))
