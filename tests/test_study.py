@@ -530,6 +530,37 @@ def test_tuning_on_hand_made_curves_extends_refines_prunes_and_never_picks_a_col
     assert merged["scripts"]["dpo"]["min_length"] == part["scripts"]["dpo"]["min_length"] and "grpo" in merged["scripts"]
 
 
+
+def test_a_tuning_continues_from_its_ledger_in_another_sitting_and_refuses_another_worlds_ledger(study, tmp_path, monkeypatch):
+    world = {"min_length": {"world_seed": 0, "length_mode": 22, "pi_ref_sha256": "66b3c1419658"}}
+    monkeypatch.setattr(study, "prebuild", lambda tasks, world_=0: json.loads(json.dumps(world)))
+    ran, execute = [], fake_executor(study, tuning_rows)
+    monkeypatch.setattr(study.Launcher, "execute", lambda self, run: ran.append(run.key) or execute(self, run))
+    ledger = tmp_path / "ledger.jsonl"
+    args = study.Args(tune=True, tune_scripts=["dpo"], tune_tasks=["min_length"], tune_rates=[3e-4, 1e-3], workers=2,
+                      out=str(tmp_path / "first"), tuning=str(tmp_path / "not_written.json"), tune_ledger=str(ledger))
+    first = study.main(args)
+    finished = [k for k in dict.fromkeys(ran) if (tmp_path / "first" / "tune" / k / "done.json").exists()]
+    lines = ledger.read_text().splitlines()
+    assert json.loads(lines[0]) == {"fingerprints": world} and sorted(json.loads(x)["key"] for x in lines[1:]) == sorted(finished)
+    same = lambda r: {k: v for k, v in r.items() if k not in ("wall_s", "runs_restored", "command")}  # noqa: E731
+    # another sitting on a fresh OUT (another machine): every run comes from the ledger, none runs again, the same result
+    ran.clear()
+    second = study.main(study.Args(**{**vars(args), "out": str(tmp_path / "second")}))
+    assert ran == [] and second["runs_restored"] == len(finished) and same(second) == same(first)
+    # a sitting killed mid-line: the cut line and the runs after it are run again, and the result is the same
+    ledger.write_text("\n".join(lines[:-3]) + "\n" + lines[-3][:40])
+    third = study.main(study.Args(**{**vars(args), "out": str(tmp_path / "third")}))
+    again = [k for k in dict.fromkeys(ran) if (tmp_path / "third" / "tune" / k / "done.json").exists()]
+    assert sorted(again) == sorted(json.loads(x)["key"] for x in lines[-3:]) and same(third) == same(first)
+    kept = [json.loads(x)["key"] for x in ledger.read_text().splitlines()[1:]]
+    assert kept[:-3] == [json.loads(x)["key"] for x in lines[1:-3]] and sorted(kept[-3:]) == sorted(again)  # the cut line dropped
+    # a machine that builds another world refuses the ledger instead of mixing its runs with its own
+    world["min_length"]["pi_ref_sha256"] = "526fe8062b11"
+    with pytest.raises(SystemExit, match=r"ledger.jsonl: its runs come from another world"):
+        study.main(study.Args(**{**vars(args), "out": str(tmp_path / "fourth")}))
+
+
 def test_tuning_dry_run_counts_and_costs(study, capsys):
     assert study.main(study.Args(tune=True, dry_run=True, workers=2)) is None
     out = capsys.readouterr().out
