@@ -167,9 +167,12 @@ def snapshot(root):
 def test_a_built_cache_is_used_without_writing(tmp_path, monkeypatch):
     """A copy of bandit's built cache whose lock path is a directory: opening the lock for writing fails for every user,
     root included (chmod alone would not stop root), so the task loads only if nothing tries to write; nothing changes."""
-    from tasks import bandit, cached, make_task
+    from functools import partial
 
-    built = cached("bandit", bandit.RECIPE, bandit._build)  # the shared cache: built once (about 20 s), else just found
+    from tasks import bandit, cached, make_task, world_seed
+
+    r = dict(bandit.RECIPE, seed=world_seed())  # the recipe make_task uses in this world (CLEANPREF_WORLD_SEED)
+    built = cached("bandit", r, partial(bandit._build, r=r))  # the shared cache: built once (about 20 s), else just found
     copy = tmp_path / "cache"
     shutil.copytree(built, copy / built.name)
     (copy / f".{built.name}.lock").mkdir()

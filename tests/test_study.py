@@ -555,6 +555,11 @@ def test_a_tuning_continues_from_its_ledger_in_another_sitting_and_refuses_anoth
     assert sorted(again) == sorted(json.loads(x)["key"] for x in lines[-3:]) and same(third) == same(first)
     kept = [json.loads(x)["key"] for x in ledger.read_text().splitlines()[1:]]
     assert kept[:-3] == [json.loads(x)["key"] for x in lines[1:-3]] and sorted(kept[-3:]) == sorted(again)  # the cut line dropped
+    # a run made by other code (its script changed since) is not restored: every one runs again
+    monkeypatch.setattr(study.Ledger, "code", staticmethod(lambda script, real=study.Ledger.code: real(script) + "-edited"))
+    ran.clear()
+    fifth = study.main(study.Args(**{**vars(args), "out": str(tmp_path / "fifth")}))
+    assert fifth["runs_restored"] == 0 and sorted(k for k in set(ran) if (tmp_path / "fifth" / "tune" / k / "done.json").exists()) == sorted(finished)
     # a machine that builds another world refuses the ledger instead of mixing its runs with its own
     world["min_length"]["pi_ref_sha256"] = "526fe8062b11"
     with pytest.raises(SystemExit, match=r"ledger.jsonl: its runs come from another world"):
