@@ -100,7 +100,8 @@ used unpaired intervals (paired differences now); report.json kept no per-seed v
   its smaller area is the grid's largest; repeated until no rate qualifies at the current budgets. tuning.json
   keeps every rate's per-seed areas and collapses (null for a seed not run, or collapsed). A tuning outlasts a sitting: a
   complete one appends each finished run to benchmarks/tuning_runs.jsonl (the Ledger, committed) and restores them first,
-  so it continues on another machine if that machine builds the same world (the ledger's fingerprints; else it refuses);
+  so it continues on another machine if that machine builds the same world (the ledger's fingerprints; else it refuses)
+  and the code that made a record is unchanged (else that run is run again);
   `wall_s` is the last sitting's, `runs_s` every run's. It writes
   benchmarks/tuning.json (protocol 2) and prints the TASK_DEFAULTS rows it implies; the study passes each arm its
   tuned rate and knob from that file explicitly. A partial tuning (`--tune-scripts`, say a new script) writes
@@ -155,6 +156,7 @@ used unpaired intervals (paired differences now); report.json kept no per-seed v
 
 import concurrent.futures
 import functools
+import hashlib
 import importlib.util
 import json
 import math
@@ -563,6 +565,14 @@ class Ledger:
 
     KEEP = ("iteration", "samples", "eval/gold_reward", "eval/eos_rate", "eval/kl_ref")
 
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def code(script):
+        """A short hash of what a run's numbers depend on besides its options: its script, common.py and tasks/. A record
+        made by other code is not restored (its run is run again)."""
+        files = [ROOT / "algos" / f"{script}.py", ROOT / "common.py", *sorted((ROOT / "tasks").glob("*.py"))]
+        return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+
     def __init__(self, path: Path, fingerprints: dict):
         self.path, self.lock = Path(path), threading.Lock()
         if not self.path.exists():
@@ -582,7 +592,7 @@ class Ledger:
         for line in self.path.read_text().splitlines()[1:]:
             record = json.loads(line)
             d = out / record["key"]
-            if (d / "done.json").exists():
+            if (d / "done.json").exists() or record.get("code") != self.code(record["script"]):
                 continue
             shutil.rmtree(d, ignore_errors=True)
             (d / "runs" / "ledger").mkdir(parents=True)
@@ -593,7 +603,8 @@ class Ledger:
 
     def add(self, out: Path, run):
         rows = [{k: r[k] for k in self.KEEP if k in r} for r in read_rows(out / run.key) or [] if "eval/gold_reward" in r]
-        line = json.dumps({"key": run.key, "done": json.loads((out / run.key / "done.json").read_text()), "rows": rows}) + "\n"
+        line = json.dumps({"key": run.key, "script": run.arm.script, "code": self.code(run.arm.script),
+                           "done": json.loads((out / run.key / "done.json").read_text()), "rows": rows}) + "\n"
         with self.lock, open(self.path, "a") as f:
             f.write(line)
 
