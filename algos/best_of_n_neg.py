@@ -10,7 +10,7 @@ takes token-mean steps raising log pi(y_best) and lowering log pi(y_worst) (`--a
 below the best, one pair each). Axes: on-policy sampling YES, sample reuse only with T > 1, negative
 gradient YES. The term alone is unbounded below (log pi(y_worst) -> -inf; offline with beta 1 it wrecks
 min_length): it is clamped at `--logp-floor` nats per token, so a completion below it gets no gradient.
-`--offline`, the study's offline variant: the C completions of every train prompt are sampled
+`--offline`, an offline variant (not in the study): the C completions of every train prompt are sampled
 once from the frozen pi_ref (with the run's seed) before training, and reused: on-policy sampling NO,
 sample reuse YES. Both modes draw B / C prompts per iteration and count their B completions in
 `samples` (offline: those from the one collection), so the two compare at equal budgets.

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import ROOT, load_script, train
+from conftest import run as run_script
 
 
 def test_mode_seeking_reverse_kl_concentrates_faster_but_starts_slowly_from_zero():
@@ -580,6 +581,23 @@ def test_tuning_dry_run_counts_and_costs(study, capsys):
 
 
 # ------------------------------------------------------------------------------------- the real pipeline
+def test_a_run_from_the_fork_server_logs_what_a_new_interpreter_logs(study, tmp_path):
+    # the launcher's runs are children of a server that imported torch once (start_script): the same numbers, row by row
+    run = study.make_run(study.arm("online_dpo", "bandit_r1"), 7, 3 * study.BATCH)
+    rows = {}
+    for how in ("fork", "new"):
+        (tmp_path / how).mkdir()
+        if how == "fork":
+            proc = study.start_script(run.command(), tmp_path / how, {"CLEANPREF_WORLD_SEED": os.environ.get("CLEANPREF_WORLD_SEED", "0")})
+            proc.join()
+            assert proc.exitcode == 0, (tmp_path / how / "stderr.txt").read_text()[-2000:]
+        else:
+            assert run_script("online_dpo", tmp_path / how, *run.command()[2:]).returncode == 0
+        rows[how] = [{k: v for k, v in r.items() if k != "time_s"} for r in study.read_rows(tmp_path / how)]
+    assert len(rows["fork"]) == 4 and rows["fork"] == rows["new"]
+    assert (tmp_path / "fork" / "stdout.txt").read_text().startswith("run bandit_r1__online_dpo__7__")  # its output, in its directory
+
+
 def test_a_tiny_tuning_runs_the_real_scripts_and_writes_its_result(study, tmp_path):
     # one rate held at the limits (the rules are test_tuning_on_hand_made_curves_...'s); grpo's knob on {0.04, 0.13} and its refinement
     args = study.Args(tune=True, tune_scripts=["dpo", "grpo"], tune_tasks=["bandit_r1"], tuning_seeds=[101], tune_rates=[1e-3],
