@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -34,7 +35,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
-import torch
+# One set of CPU kernels on every x86-64 machine. torch picks its vectorised kernels by the CPU (AVX2, AVX512), and their
+# sums round differently: on one machine the length world built with AVX512 kernels had pi_ref 7fdec037c2dd and with AVX2
+# ones 66b3c1419658, the world an AVX2 machine builds, and every run differs alike. torch reads this at its first vectorised
+# op, so tasks is imported before any tensor op (the scripts do); set ATEN_CPU_CAPABILITY yourself to choose (the cache key
+# and the fingerprint then name another world).
+if platform.machine().lower() in ("x86_64", "amd64"):
+    os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+
+import torch  # noqa: E402
 from safetensors import SafetensorError
 
 TaskName = Literal["bandit_r1", "bandit_r2", "min_length", "mode_length", "skew_length", "ultrafeedback", "alpaca_farm"]
@@ -183,7 +192,8 @@ def cached(kind: str, recipe: dict, build: Callable[[Path], dict]) -> Path:
     concurrent processes (the study's workers, parallel test workers) wait for one build, not repeat it.
     """
     root = cache_root()
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    kernels = torch.backends.cpu.get_cpu_capability()  # part of the key: other kernels build another world (see the top)
+    key = hashlib.sha256(json.dumps(dict(recipe, kernels=kernels), sort_keys=True).encode()).hexdigest()[:16]
     final = root / f"{kind}-{key}"
     if _intact(final):  # built: used as it is, nothing written (a read-only cache can be shared)
         return final

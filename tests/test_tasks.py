@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -185,6 +186,20 @@ def test_a_build_runs_on_one_thread_whatever_the_callers_count(monkeypatch, tmp_
         assert seen == [1] and torch.get_num_threads() == 2  # built on one thread, the caller's count restored
     finally:
         torch.set_num_threads(before)
+
+
+def test_kernels_are_pinned_and_part_of_the_cache_key(monkeypatch, tmp_path):
+    """An AVX512 machine built another world than an AVX2 one (pi_ref 7fdec037c2dd vs 66b3c1419658): on x86-64, importing
+    tasks pins ATen's AVX2 kernels, and a process with other kernels gets another cache entry, never the same one."""
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import torch, tasks; print(torch.backends.cpu.get_cpu_capability())"
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    kernels = subprocess.run([sys.executable, "-c", code, str(ROOT)], env=env, capture_output=True, text=True, check=True).stdout.split()[-1]
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert kernels == "AVX2"
+    monkeypatch.setenv("CLEANPREF_CACHE", str(tmp_path))
+    ours = cached("toy", {"v": 1}, lambda out: {})
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512" if kernels != "AVX512" else "AVX2")
+    assert cached("toy", {"v": 1}, lambda out: {}) != ours
 
 
 def test_a_build_leaves_the_global_rng_alone(monkeypatch, tmp_path):
