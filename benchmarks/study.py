@@ -556,10 +556,14 @@ class Launcher:
         if not todo:
             return
         print(f"{len(todo)} runs to do, {self.workers} at a time ({len(set(runs)) - len(todo)} done, skipped or missing)", flush=True)
-        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool, tqdm(total=len(todo), desc="runs", unit="run") as bar:
+        plain, started, shown = not sys.stderr.isatty(), time.time(), 0.0  # in a log file a bar's carriage returns make one line
+        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool, tqdm(total=len(todo), desc="runs", unit="run", disable=plain) as bar:
             futures = {pool.submit(self.execute, r): r for r in todo}
-            for future in concurrent.futures.as_completed(futures):
+            for n, future in enumerate(concurrent.futures.as_completed(futures), 1):
                 bar.update(1)
+                if plain and (time.time() - shown >= 60 or n == len(todo)):  # there, a plain line a minute instead
+                    shown = time.time()
+                    print(f"runs: {n}/{len(todo)} in {shown - started:.0f} s", file=sys.stderr, flush=True)
                 if future.result():
                     self.failed[futures[future].key] = future.result()
                     bar.write(f"FAILED {futures[future].key}:\n{future.result()}")

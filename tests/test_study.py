@@ -638,8 +638,10 @@ def test_stability_runs_a_script_at_its_defaults_on_each_seed_and_counts_collaps
                                            "--out", str(tmp_path), "--", "--num-iterations", "2"]))
     assert [r["seed"] for r in rows] == [1, 2] and all(r["collapsed"] is False and r["final_gold"] > 0 for r in rows)
     assert all(set(r) >= {"collapse_iteration", "worst_normalised", "max_kl", "min_eos"} for r in rows)
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "0 of 2 collapsed" in out and "reinforce on bandit_r1" in out
+    assert "runs: 2/2 in" in captured.err and "\r" not in captured.err  # not a terminal: plain progress lines, no bar (issue 29)
     (d,) = [p for p in tmp_path.iterdir() if p.name.endswith("__s1")]
     assert d.name == "bandit_r1__reinforce__num-iterations=2__s1" and json.loads((d / "done.json").read_text())["collapsed"] is False
     assert stability.seeds_of(["1-3", "7", "9,10"]) == [1, 2, 3, 7, 9, 10]
