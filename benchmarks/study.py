@@ -84,7 +84,8 @@ used unpaired intervals (paired differences now); report.json kept no per-seed v
   recomputed from every run so far, round after round, until every winner is interior or at the ladder's limits
   1e-6 and 1e-1 (a grid whose every rate collapses extends downwards the same way; one that reaches 1e-6 still
   collapsing keeps its smallest rate, flagged `"stable": false`). Then one refinement: x2 and /2 of each winner
-  (within the limits) join the grid and the winner is re-picked, never a collapsing rate. `--tune-rounds N` is an
+  (within the limits) join the grid and the winner is re-picked, never a collapsing rate; where that moves a winner
+  to an end of its grid (a third seed can), the grid is extended and refined again the same way. `--tune-rounds N` is an
   emergency cap only: a grid it stops is flagged `"capped": true` and its edge winner `"edge": true`. In
   tuning.json `edge` means "could have been extended and was not": false for every winner of a finished tuning;
   `at_limit` marks a winner at a ladder limit. Rates are swept at each script's untuned knob (STUDY["knob"],
@@ -2076,6 +2077,24 @@ class Tuner:
                 for v in values:
                     grids[m, t][v] = self.key_of(m, t, v)
 
+    def tune(self, grids, budgets_now, limits, ladders, cap, prefer=None, fallback_low=True):
+        """`rounds`, then one refinement (x2 and /2 of each winner) and its runs. A refinement's runs can move a winner to an
+        extendable end of its grid (kto on min_length: the third seed of the old edge rate overtook the refined winner);
+        then those grids go through `rounds` and a refinement again, until no uncapped winner sits at such an end.
+        Returns (budgets, rounds, the grids a cap stopped, {(method, task): the refined values})."""
+        total, capped, refined, todo = 0, set(), {}, grids
+        while True:
+            budgets, n, stopped = self.rounds(todo, budgets_now, limits, ladders, cap, prefer, fallback_low)
+            total, capped = total + n, capped | stopped
+            for k, values in self.refine(todo, budgets, limits, prefer).items():
+                refined.setdefault(k, []).extend(values)
+            budgets = self.settle(grids, budgets_now)
+            todo = {(m, t): g for (m, t), g in grids.items() if (m, t) not in capped and edge_flags(
+                list(g), self.winner(g, budgets[t][0], prefer(m) if prefer else None), limits, ladders(m, t))[0]}
+            if not todo:
+                return budgets, total, capped, refined
+            print("a refinement moved " + ", ".join(f"{m} on {t}" for m, t in todo) + " to an edge: extending again", flush=True)
+
     def refine(self, grids, budgets, limits, prefer=None):
         """x2 and /2 of each winner (within limits) join its grid. Returns {(method, task): [the values added]}."""
         added = {}
@@ -2136,9 +2155,7 @@ def run_tune(args: Args, out: Path):
         return tuner.budgets(lr_grids, tasks, budget_methods, fixed)
 
     tuner.key_of = lambda m, t, v: tuner.point(m, t, v)
-    budgets, lr_rounds, lr_capped = tuner.rounds(lr_grids, lr_budgets, args.tune_limits, lambda m, t: LADDER, args.tune_rounds)
-    lr_refined = tuner.refine(lr_grids, budgets, args.tune_limits)
-    budgets = tuner.settle(lr_grids, lr_budgets)
+    budgets, lr_rounds, lr_capped, lr_refined = tuner.tune(lr_grids, lr_budgets, args.tune_limits, lambda m, t: LADDER, args.tune_rounds)
     final_budgets = {t: b[0] for t, b in budgets.items()}  # fixed from here on: the knob runs do not move them
     lr_winners = {}
     for (m, t), g in lr_grids.items():
@@ -2159,11 +2176,9 @@ def run_tune(args: Args, out: Path):
             return {t: (b, [b], None) for t, b in final_budgets.items()}
 
         prefer = untuned.get
-        _, knob_rounds, knob_capped = tuner.rounds(knob_grids, fixed_now, args.tune_knob_limits,
-                                                   lambda m, t: knob_ladder(untuned[m], args.tune_knob_limits), args.tune_rounds, prefer,
-                                                   fallback_low=False)
-        knob_refined = tuner.refine(knob_grids, fixed_now(), args.tune_knob_limits, prefer)
-        tuner.settle(knob_grids, fixed_now)
+        _, knob_rounds, knob_capped, knob_refined = tuner.tune(knob_grids, fixed_now, args.tune_knob_limits,
+                                                               lambda m, t: knob_ladder(untuned[m], args.tune_knob_limits), args.tune_rounds,
+                                                               prefer, fallback_low=False)
 
     every = [r for rs in tuner.points.values() for r in rs]
     result = {"protocol": 2, "command": "python benchmarks/study.py " + " ".join(sys.argv[1:]), "tuning_seeds": seeds, "tasks": tasks,
