@@ -415,8 +415,10 @@ def test_missing_tuning_missing_script_and_failed_run(study, tmp_path, monkeypat
         study.main(study.Args(claims=[4], tuning=str(tmp_path / "nothing.json"), out=str(tmp_path)))
     with pytest.raises(SystemExit, match=r"unknown claim ids \[12\]"):
         study.main(study.Args(claims=[1, 12]))
+    issue19 = tmp_path / "issue19.json"  # its "protocol" was a sentence
+    issue19.write_text(json.dumps({"protocol": "issue 19", "budgets": {}, "scripts": {}}))
     with pytest.raises(SystemExit, match=r"is the issue-19 tuning \(protocol 1\)"):  # its budgets are shorter than protocol 2's floor
-        study.main(study.Args(claims=[4], out=str(tmp_path)))
+        study.main(study.Args(claims=[4], out=str(tmp_path), tuning=str(issue19), figures=str(tmp_path / "fig")))
     monkeypatch.setattr(study, "prebuild", no_build)
     write_claim4(study, tmp_path, 0.9)
     monkeypatch.setattr(study, "script_exists", lambda script: script != "hypo")
