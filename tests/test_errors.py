@@ -5,7 +5,6 @@ Also: the task cache read-only once built, and a build's lock that says what it 
 """
 
 import fcntl
-import hashlib
 import json
 import shutil
 import threading
@@ -194,8 +193,9 @@ def test_an_unbuilt_cache_that_cannot_be_written_is_one_line(tmp_path, monkeypat
     from tasks import cached
 
     (tmp_path / "a_file").write_text("")
-    key = hashlib.sha256(json.dumps({"a": 1}, sort_keys=True).encode()).hexdigest()[:16]  # cached()'s key of the recipe
-    (tmp_path / "locked" / f".thing-{key}.lock").mkdir(parents=True)
+    monkeypatch.setenv("CLEANPREF_CACHE", str(tmp_path / "probe"))
+    name = cached("thing", {"a": 1}, lambda d: {}).name  # the artifact's directory name (its key: recipe and kernels)
+    (tmp_path / "locked" / f".{name}.lock").mkdir(parents=True)
     for root in (tmp_path / "a_file" / "cache", tmp_path / "locked"):
         monkeypatch.setenv("CLEANPREF_CACHE", str(root))
         with pytest.raises(SystemExit, match=rf"cannot build thing in the cache {root} \(.+\): set CLEANPREF_CACHE to a writable directory"):
