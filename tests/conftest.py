@@ -12,6 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import tasks  # noqa: E402, F401  before any tensor op: it pins torch's CPU kernels, so tests run what the scripts run
 torch.set_num_threads(1)
 
 PAD, EOS = 0, 1

@@ -196,6 +196,7 @@ def test_kernels_are_pinned_and_part_of_the_cache_key(monkeypatch, tmp_path):
     kernels = subprocess.run([sys.executable, "-c", code, str(ROOT)], env=env, capture_output=True, text=True, check=True).stdout.split()[-1]
     if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         assert kernels == "AVX2"
+    assert torch.backends.cpu.get_cpu_capability() == kernels  # the tests run the scripts' kernels (conftest imports tasks first)
     monkeypatch.setenv("CLEANPREF_CACHE", str(tmp_path))
     ours = cached("toy", {"v": 1}, lambda out: {})
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512" if kernels != "AVX512" else "AVX2")
